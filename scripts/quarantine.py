@@ -1,0 +1,134 @@
+"""The shared record of bad image files, and a sampler that keeps them out of training.
+
+Data QA (before training) and the NaN guard (during training) both write to one `Quarantine`; the training
+sampler reads it at the start of every pass over the data. Torch and MONAI have no sampler that can drop
+items while a run is going, hence `QuarantineSampler`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data.distributed import DistributedSampler
+
+__all__ = ["Quarantine", "QuarantineSampler", "image_path"]
+
+logger = logging.getLogger(__name__)
+
+
+def image_path(item: Any) -> str:
+    """The image file of a datalist item, a loaded sample (``image.meta``) or a plain path, as an absolute path."""
+    if isinstance(item, dict):
+        item = item["image"]
+    meta = getattr(item, "meta", None)
+    if meta is not None:
+        item = meta.get("filename_or_obj", "")
+    return os.path.abspath(str(item))
+
+
+class Quarantine:
+    """
+    Image files excluded from training, with the reason for each, kept in memory and mirrored to a JSON file.
+
+    Args:
+        path: JSON file the list is written to after every change (``None``: keep it in memory only).
+        save: whether this process writes the file (set ``False`` on every rank but 0 under DDP).
+    """
+
+    def __init__(self, path: str | None = None, save: bool = True) -> None:
+        self.path = path
+        self.save_enabled = save
+        self.entries: dict[str, dict[str, Any]] = {}
+
+    def __contains__(self, item: Any) -> bool:
+        return image_path(item) in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, item: Any, reason: str, source: str, **details: Any) -> bool:
+        """Quarantine one file; returns ``False`` if it already was. ``source`` is who found it (data_check, guard)."""
+        path = image_path(item)
+        if path in self.entries:
+            return False
+        self.entries[path] = {"reason": reason, "source": source, **details}
+        logger.warning(f"quarantined {path} ({source}): {reason}")
+        self.save()
+        return True
+
+    def filter(self, datalist: Sequence[dict]) -> list[dict]:
+        """The items of ``datalist`` whose image is not quarantined."""
+        return [d for d in datalist if d not in self]
+
+    def save(self) -> None:
+        """Write the list to ``path`` atomically."""
+        if not (self.path and self.save_enabled):
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"quarantined": [{"image": k, **v} for k, v in self.entries.items()]}, f, indent=4)
+        os.replace(tmp, self.path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"entries": dict(self.entries)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.entries = dict(state["entries"])
+        self.save()
+
+
+class QuarantineSampler(DistributedSampler):
+    """
+    A `DistributedSampler` (one replica by default) that leaves out quarantined items, re-read at every pass.
+
+    Being a `DistributedSampler`, MONAI's workflows call `set_epoch` on it at every epoch, so the shuffling
+    is reproducible and different per epoch, and the same class serves single-process and DDP training.
+
+    Args:
+        dataset: a dataset with a ``data`` list of datalist items (MONAI `Dataset`).
+        quarantine: the shared record of bad files.
+        num_replicas: number of processes (``None``: the DDP world size, 1 when not distributed).
+        rank: this process's rank (``None``: the DDP rank, 0 when not distributed).
+        shuffle: shuffle with ``seed + epoch``.
+        seed: base seed of the shuffling.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        quarantine: Quarantine,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        num_replicas = num_replicas if num_replicas is not None else (torch.distributed.get_world_size() if distributed else 1)
+        rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.quarantine = quarantine
+
+    def _kept(self) -> list[int]:
+        kept = [i for i, item in enumerate(self.dataset.data) if item not in self.quarantine]
+        if not kept:
+            raise RuntimeError("every training image is quarantined; see the quarantine list in output_dir")
+        return kept
+
+    def __iter__(self) -> Iterator[int]:
+        kept = self._kept()
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            kept = [kept[i] for i in torch.randperm(len(kept), generator=g).tolist()]
+        total = math.ceil(len(kept) / self.num_replicas) * self.num_replicas
+        kept = (kept * self.num_replicas)[:total]  # pad by repetition so every rank gets as many items
+        return iter(kept[self.rank :: self.num_replicas])
+
+    def __len__(self) -> int:
+        return math.ceil(len(self._kept()) / self.num_replicas)

@@ -1,0 +1,226 @@
+"""The clip-grad training iteration of RetinaNet 3D, with one fused finiteness decision per step.
+
+MONAI's `SupervisedTrainer` assumes one tensor in and a loss function; the detector takes lists of images
+and targets and computes its own losses, so the iteration is written here (as the model zoo does), with
+the stabilised step of design.md section 5.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from monai.engines import Trainer
+from monai.engines.utils import IterationEvents
+from monai.utils.enums import CommonKeys as Keys
+from torch.utils.data import DataLoader
+
+__all__ = ["StabilisedDetectionTrainer", "detection_prepare_batch", "EVENT_KINDS"]
+
+# kinds of non-finite events, in the order of the fused flag vector
+EVENT_KINDS = ("input", "logits", "loss", "grad")
+
+
+def detection_prepare_batch(
+    batchdata: list, device: torch.device | str | None = None, non_blocking: bool = False, **kwargs: Any
+) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]], list[str]]:
+    """
+    Flatten a batch of cropped samples (a list per image, as `RandCropBoxByPosNegLabeld` makes them with
+    `no_collation`) into the detector's inputs: images, targets (``box``, ``label``) and each crop's file.
+    """
+    samples = [s for item in batchdata for s in (item if isinstance(item, (list, tuple)) else [item])]
+    images = [s["image"].to(device=device, non_blocking=non_blocking, **kwargs) for s in samples]
+    targets = [
+        {k: s[k].to(device=device, non_blocking=non_blocking, **kwargs) for k in ("box", "label")} for s in samples
+    ]
+    files = [str(s["image"].meta.get("filename_or_obj", "")) if hasattr(s["image"], "meta") else "" for s in samples]
+    return images, targets, files
+
+
+class StabilisedDetectionTrainer(Trainer):
+    """
+    Trains a `RetinaNetDetector` with the stabilised step: forward under autocast, weighted loss, backward,
+    unscale, global gradient-norm clipping, and an optimiser step only when the whole iteration was finite.
+
+    The finiteness of the input, the heads' ``NaN or Inf`` ValueError, the loss and the gradient norm are
+    gathered in one flag vector and read with a single host synchronisation (all-reduced under DDP so every
+    rank decides alike). A refused step leaves parameters, buffers, optimiser state and GradScaler exactly as
+    they were. The iteration reports what happened in ``engine.state.output`` (keys ``loss``, ``loss_cls``,
+    ``loss_reg``, ``grad_norm``, ``event``, ``bad_files``, ``files``); the `NaNGuard` handler acts on it.
+
+    Args:
+        device: the device to train on.
+        max_epochs: number of epochs.
+        train_data_loader: loader yielding lists of crop lists (``no_collation``).
+        detector: the `RetinaNetDetector`; its ``network`` is what is optimised.
+        optimizer: optimiser over the network's parameters.
+        epoch_length: iterations per epoch (default ``len(train_data_loader)``).
+        w_cls: weight of the classification loss.
+        w_reg: weight of the box-regression loss.
+        grad_clip_norm: clip the global gradient L2 norm to this value (``None``: no clipping).
+        skip_nonfinite: refuse non-finite steps and report them (``False``: behave like the model-zoo trainer,
+            where the heads' ValueError ends the run).
+        amp: mixed precision: fp16 with a GradScaler on CUDA, bf16 autocast on CPU.
+        train_handlers: ignite handlers with ``attach(engine)``.
+        non_blocking: non-blocking host-to-device copies.
+        prepare_batch: turns a loader batch into ``(images, targets, files)``.
+        key_train_metric, additional_metrics, metric_cmp_fn, event_names, event_to_attr, to_kwargs:
+            as in MONAI's `Trainer`.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        max_epochs: int,
+        train_data_loader: Iterable | DataLoader,
+        detector: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        epoch_length: int | None = None,
+        w_cls: float = 1.0,
+        w_reg: float = 1.0,
+        grad_clip_norm: float | None = 10.0,
+        skip_nonfinite: bool = True,
+        amp: bool = False,
+        train_handlers: Sequence | None = None,
+        non_blocking: bool = False,
+        prepare_batch: Callable = detection_prepare_batch,
+        key_train_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        metric_cmp_fn: Callable | None = None,
+        event_names: list | None = None,
+        event_to_attr: dict | None = None,
+        to_kwargs: dict | None = None,
+    ) -> None:
+        device = torch.device(device)
+        extra = {"metric_cmp_fn": metric_cmp_fn} if metric_cmp_fn is not None else {}
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=prepare_batch,
+            key_metric=key_train_metric,
+            additional_metrics=additional_metrics,
+            handlers=train_handlers,
+            amp=amp,
+            event_names=event_names,
+            event_to_attr=event_to_attr,
+            decollate=False,
+            to_kwargs=to_kwargs,
+            **extra,
+        )
+        self.detector = detector
+        self.network = detector.network
+        self.optimizer = optimizer
+        self.w_cls = w_cls
+        self.w_reg = w_reg
+        self.grad_clip_norm = grad_clip_norm if grad_clip_norm else None
+        self.skip_nonfinite = skip_nonfinite
+        self.params = [p for p in self.network.parameters() if p.requires_grad]
+        self.buffers = [b for b in self.network.buffers() if b.is_floating_point()]
+        cuda = device.type == "cuda"
+        self.amp_dtype = torch.float16 if cuda else torch.bfloat16
+        # created once (MONAI's Trainer.run makes a new one per run, which would lose its state on resume)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp and cuda) if amp and cuda else None
+
+    def run(self) -> None:  # type: ignore[override]
+        """Run training, keeping the GradScaler made at construction."""
+        super(Trainer, self).run()
+
+    def _forward_loss(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor] | None:
+        """Detector losses under autocast, or ``None`` when a head raised its ``NaN or Inf`` ValueError."""
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp else contextlib.nullcontext()
+        try:
+            with autocast:
+                return self.detector(images, targets)
+        except ValueError as e:
+            if self.skip_nonfinite and "NaN or Inf" in str(e):
+                return None
+            raise
+
+    def _iteration(self, engine: StabilisedDetectionTrainer, batchdata: list) -> dict[str, Any]:
+        """One stabilised step; see the class docstring."""
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        images, targets, files = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
+        engine.detector.train()
+        engine.optimizer.zero_grad(set_to_none=True)
+        saved_buffers = [b.clone() for b in engine.buffers] if engine.skip_nonfinite else []
+        engine.state.output = {Keys.IMAGE: images, Keys.LABEL: targets}
+
+        nan = torch.tensor(float("nan"), device=engine.device)
+        losses = engine._forward_loss(images, targets)
+        if losses is None:
+            loss_cls = loss_reg = loss = grad_norm = nan
+        else:
+            loss_cls, loss_reg = losses[engine.detector.cls_key], losses[engine.detector.box_reg_key]
+            loss = engine.w_cls * loss_cls + engine.w_reg * loss_reg
+            engine.state.output[Keys.LOSS] = loss
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+            (engine.scaler.scale(loss) if engine.scaler else loss).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            if engine.scaler:
+                engine.scaler.unscale_(engine.optimizer)
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in engine.params if p.grad is not None])
+            if engine.grad_clip_norm is not None:
+                torch.nn.utils.clip_grads_with_norm_(engine.params, engine.grad_clip_norm, grad_norm)
+
+        # the fused decision: one vector, one host sync (and one all-reduce under DDP)
+        finite_images = torch.stack([torch.isfinite(x).all() for x in images])
+        logits_failed = torch.tensor(float(losses is None), device=engine.device)
+        flags = torch.stack([(~finite_images.all()).float(), logits_failed, (~loss.isfinite()).float()])
+        parts = torch.stack([t.detach().float() for t in (loss, loss_cls, loss_reg, grad_norm)])
+        shared = torch.cat([flags, (~grad_norm.isfinite()).float()[None], parts])
+        world = 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            torch.distributed.all_reduce(shared)  # sums: flags > 0 on any rank, losses averaged below
+        values = torch.cat([shared, (~finite_images).float()]).tolist()
+        flags_, bad_images = values[:4], values[8:]
+        loss_v, cls_v, reg_v, gnorm_v = (v / world for v in values[4:8])
+        event = next((k for k, f in zip(EVENT_KINDS, flags_) if f), None)
+        if event is not None and not engine.skip_nonfinite:
+            event = None  # the zoo trainer: step anyway
+        if event is None:
+            if engine.scaler:
+                engine.scaler.step(engine.optimizer)
+                engine.scaler.update()
+            else:
+                engine.optimizer.step()
+        else:
+            engine._refuse_step(event, unscaled=losses is not None)
+            with torch.no_grad():
+                for b, s in zip(engine.buffers, saved_buffers):
+                    b.copy_(s)
+        engine.optimizer.zero_grad(set_to_none=True)
+        if event == "input":
+            bad_files = [f for f, bad in zip(files, bad_images) if bad]
+        else:
+            bad_files = list(files) if event else []
+        engine.state.output.update(
+            {
+                Keys.LOSS: loss_v,
+                "loss_cls": cls_v,
+                "loss_reg": reg_v,
+                "grad_norm": gnorm_v,
+                "event": event,
+                "amp_overflow": event == "grad" and engine.scaler is not None,
+                "files": files,
+                "bad_files": bad_files,
+            }
+        )
+        return engine.state.output
+
+    def _refuse_step(self, event: str, unscaled: bool) -> None:
+        """Leave optimiser and scaler as they were; under AMP an fp16 gradient overflow still backs the scale off."""
+        if self.scaler is None or not unscaled:
+            return
+        if event == "grad":
+            self.scaler.update()  # the scaler's own remedy: halve the scale (the step was already skipped)
+            return
+        saved = self.scaler.state_dict()
+        self.scaler.update()  # clears the per-step unscale record
+        self.scaler.load_state_dict(saved)
