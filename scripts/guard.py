@@ -314,9 +314,9 @@ class NaNGuard:
         self.write_report(engine)
 
     def exception_raised(self, engine: Engine, e: BaseException) -> None:
+        """Record the crash in the report (the trainer re-raises the exception)."""
         self.status = f"crashed: {type(e).__name__}: {e}"
         self.write_report(engine)
-        raise e
 
     def report(self) -> dict[str, Any]:
         """Everything the guard knows, as a JSON-able dict."""

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+from ignite.engine import Events
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
@@ -129,6 +130,12 @@ class StabilisedDetectionTrainer(Trainer):
     def run(self) -> None:  # type: ignore[override]
         """Run training, keeping the GradScaler made at construction."""
         super(Trainer, self).run()
+
+    def _handle_exception(self, e: BaseException) -> None:
+        """Let every ``EXCEPTION_RAISED`` handler save what it holds (report, final checkpoint), then re-raise."""
+        if Events.EXCEPTION_RAISED in self._event_handlers:
+            self._fire_event(Events.EXCEPTION_RAISED, e)
+        raise e
 
     def _forward_loss(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor] | None:
         """Detector losses under autocast, or ``None`` when a head raised its ``NaN or Inf`` ValueError."""

@@ -1,0 +1,162 @@
+"""Per-iteration training telemetry: loss parts, gradient norm, weight norm, LR, AMP scale and guard counters.
+
+MONAI's `StatsHandler`/`TensorBoardStatsHandler` log one loss value; this handler logs everything the stability
+policy looks at, to the console, TensorBoard, a CSV file (for figures), a tqdm progress bar, and MLflow when an
+`MLFlowHandler` is attached to the same engine (``--tracking mlflow``).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from monai.handlers import MLFlowHandler
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+__all__ = ["TrainingMonitor", "weight_norm"]
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = ("iteration", "epoch", "loss", "loss_cls", "loss_reg", "grad_norm", "weight_norm", "lr", "amp_scale")
+GUARD_COUNTERS = ("events", "skipped_steps", "rollbacks", "amp_overflows")
+
+
+def weight_norm(network: torch.nn.Module) -> float:
+    """Global L2 norm of the network's parameters (one host sync)."""
+    norms = torch._foreach_norm([p.detach() for p in network.parameters()])
+    return float(torch.linalg.vector_norm(torch.stack(norms)))
+
+
+class TrainingMonitor:
+    """
+    Logs the stabilised trainer's per-iteration report.
+
+    Every iteration: scalars to TensorBoard (``train/<name>``), a row to ``csv_path``, the progress bar's postfix,
+    and MLflow metrics when an `MLFlowHandler` is attached to the trainer. Every ``log_every`` iterations and at
+    each event of the guard: one console line. Only rank 0 writes under DDP.
+
+    Args:
+        log_dir: TensorBoard log directory (``None``: no TensorBoard).
+        log_every: iterations between console lines (0: only events).
+        csv_path: CSV file of the per-iteration values (``None``: none).
+        progress: show a tqdm progress bar over each epoch's iterations.
+    """
+
+    def __init__(
+        self, log_dir: str | None = None, log_every: int = 10, csv_path: str | None = None, progress: bool = True
+    ) -> None:
+        self.log_dir = log_dir
+        self.log_every = log_every
+        self.csv_path = csv_path
+        self.progress = progress
+        self.writer: SummaryWriter | None = None
+        self.bar: tqdm | None = None
+        self._csv_file: Any = None
+        self._csv: Any = None
+        self._mlflow: MLFlowHandler | None | bool = None
+
+    def attach(self, engine: Engine) -> None:
+        """Register with the trainer (nothing is written on DDP ranks other than 0)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+            return
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+        engine.add_event_handler(Events.COMPLETED, self.close)
+        engine.add_event_handler(Events.TERMINATE, self.close)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, lambda engine, e: self.close(engine))
+
+    def started(self, engine: Engine) -> None:
+        if self.log_dir and self.writer is None:
+            self.writer = SummaryWriter(log_dir=self.log_dir)
+        if self.csv_path and self._csv is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.csv_path)), exist_ok=True)
+            resume = engine.state.iteration > 0 and os.path.exists(self.csv_path)
+            self._csv_file = open(self.csv_path, "a" if resume else "w", newline="")
+            self._csv = csv.writer(self._csv_file)
+            if not resume:
+                self._csv.writerow([*COLUMNS, "event", *GUARD_COUNTERS, "lr_scale"])
+
+    def epoch_started(self, engine: Engine) -> None:
+        if self.progress:
+            self.bar = tqdm(total=engine.state.epoch_length, desc=f"epoch {engine.state.epoch}/{engine.state.max_epochs}")
+
+    def _find_mlflow(self, engine: Engine) -> MLFlowHandler | None:
+        for handler, _, _ in engine._event_handlers.get(Events.STARTED, []):
+            owner = getattr(handler, "__self__", None)
+            if isinstance(owner, MLFlowHandler):
+                return owner
+        return None
+
+    def values(self, engine: Engine) -> dict[str, Any]:
+        """The scalars of the iteration that just completed."""
+        out = engine.state.output
+        scaler = getattr(engine, "scaler", None)
+        optimizer = getattr(engine, "optimizer", None)
+        network = getattr(engine, "network", None)
+        values: dict[str, Any] = {"iteration": engine.state.iteration, "epoch": engine.state.epoch}
+        for key in ("loss", "loss_cls", "loss_reg", "grad_norm"):
+            values[key] = float(out[key]) if out.get(key) is not None else math.nan
+        values["weight_norm"] = weight_norm(network) if network is not None else math.nan
+        values["lr"] = optimizer.param_groups[0]["lr"] if optimizer is not None else math.nan
+        values["amp_scale"] = float(scaler.get_scale()) if scaler is not None else 1.0
+        values["event"] = out.get("event") or ""
+        guard = getattr(engine.state, "guard", None)
+        for key in GUARD_COUNTERS:
+            values[key] = guard.counters[key] if guard is not None else 0
+        values["lr_scale"] = guard.lr_scale if guard is not None else 1.0
+        return values
+
+    def iteration_completed(self, engine: Engine) -> None:
+        values = self.values(engine)
+        scalars = {k: v for k, v in values.items() if k not in ("iteration", "epoch", "event")}
+        scalars["event"] = float(bool(values["event"]))
+        step = values["iteration"]
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(f"train/{key}", value, step)
+        if self._csv is not None:
+            self._csv.writerow([values[c] for c in COLUMNS] + [values["event"]] + [values[c] for c in GUARD_COUNTERS] + [values["lr_scale"]])
+        if self._mlflow is None:
+            self._mlflow = self._find_mlflow(engine) or False
+        if self._mlflow and self._mlflow.cur_run:
+            self._mlflow._log_metrics({f"train_{k}": v for k, v in scalars.items() if math.isfinite(v)}, step=step)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{values['loss']:.4g}", gnorm=f"{values['grad_norm']:.3g}", lr=f"{values['lr']:.3g}")
+            self.bar.update(1)
+        if values["event"] or (self.log_every and step % self.log_every == 0):
+            line = (
+                f"epoch {values['epoch']} it {step}: loss {values['loss']:.4g} (cls {values['loss_cls']:.4g}, "
+                f"reg {values['loss_reg']:.4g}) grad norm {values['grad_norm']:.4g} weight norm {values['weight_norm']:.4g} "
+                f"lr {values['lr']:.3g} amp scale {values['amp_scale']:.3g} "
+                f"guard events {values['events']} skipped {values['skipped_steps']} rollbacks {values['rollbacks']}"
+            )
+            (logger.warning if values["event"] else logger.info)(line + (f" [{values['event']}]" if values["event"] else ""))
+
+    def epoch_completed(self, engine: Engine) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self._csv_file is not None:
+            self._csv_file.flush()
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self, engine: Engine | None = None) -> None:
+        """Close the progress bar, the CSV file and the TensorBoard writer."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self._csv_file is not None:
+            self._csv_file.close()
+            self._csv_file, self._csv = None, None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
