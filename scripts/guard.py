@@ -73,8 +73,9 @@ class NaNGuard:
     - after ``patience`` consecutive events, or at once when the weights are non-finite, restores the snapshot
       and multiplies the LR by ``lr_backoff``;
     - records every event (iteration, epoch, kind, loss parts, grad norm, LR, files) and quarantines an image
-      file after ``quarantine_after`` events in which it took part, provided it failed in at least half of the
-      iterations it was seen in (so an LR blow-up, which fails every file alike, quarantines none);
+      file after ``quarantine_after`` events in which it took part: at once for non-finite voxels, otherwise
+      only if it failed in at least 3/4 of its iterations and twice as often as the iterations without it (so
+      an LR blow-up, which fails every file alike, quarantines none);
     - after ``max_rollbacks`` rollbacks, restores the snapshot, saves it to ``ckpt_path``, writes the report and
       terminates the engine; `raise_if_stopped` then exits non-zero with one message;
     - under AMP, an fp16 overflow that the GradScaler absorbs is counted, not escalated, unless it repeats
@@ -149,6 +150,7 @@ class NaNGuard:
         self.lr_scale = 1.0
         self.events: list[dict[str, Any]] = []
         self.file_stats: dict[str, list[int]] = {}  # file -> [events, times seen]
+        self.iterations = 0
         self.snapshot_iteration = 0
         self.snapshot_loss: float | None = None
         self.status = "running"
@@ -212,6 +214,7 @@ class NaNGuard:
         """Act on the trainer's report of the iteration."""
         out = engine.state.output
         files = [os.path.abspath(f) for f in out.get("files", []) if f]
+        self.iterations += 1
         for f in set(files):
             self.file_stats.setdefault(f, [0, 0])[1] += 1
         event = out.get("event")
@@ -262,10 +265,14 @@ class NaNGuard:
         for f in bad_files:
             stats = self.file_stats.setdefault(f, [0, 1])
             stats[0] += 1
-            if self.quarantine_after and stats[0] >= self.quarantine_after and 2 * stats[0] >= stats[1]:
-                self.quarantine.add(
-                    f, f"{stats[0]} non-finite events in {stats[1]} iterations (last: {kind})", "guard"
-                )
+            if self.quarantine_after and stats[0] >= self.quarantine_after and (kind == "input" or self._stands_out(stats)):
+                self.quarantine.add(f, f"{stats[0]} non-finite events in {stats[1]} iterations (last: {kind})", "guard")
+
+    def _stands_out(self, stats: list[int]) -> bool:
+        """Whether a file fails in at least 3/4 of its iterations and twice as often as the iterations without it."""
+        events, seen = stats
+        others = (self.counters["events"] - events) / max(self.iterations - seen, 1)
+        return 4 * events >= 3 * seen and events / seen >= 2 * others
 
     def _rollback(self, engine: Engine, why: str) -> None:
         self.consecutive = 0
@@ -351,6 +358,7 @@ class NaNGuard:
             "lr_scale": self.lr_scale,
             "events": list(self.events),
             "file_stats": {k: list(v) for k, v in self.file_stats.items()},
+            "iterations": self.iterations,
             "snapshot_loss": self.snapshot_loss,
             "quarantine": self.quarantine.state_dict(),
         }
@@ -360,5 +368,6 @@ class NaNGuard:
         self.lr_scale = float(state["lr_scale"])
         self.events = list(state["events"])
         self.file_stats = {k: list(v) for k, v in state["file_stats"].items()}
+        self.iterations = int(state.get("iterations", 0))
         self.snapshot_loss = state["snapshot_loss"]
         self.quarantine.load_state_dict(state["quarantine"])

@@ -121,7 +121,7 @@ class StabilisedDetectionTrainer(Trainer):
         self.grad_clip_norm = grad_clip_norm if grad_clip_norm else None
         self.skip_nonfinite = skip_nonfinite
         self.params = [p for p in self.network.parameters() if p.requires_grad]
-        self.buffers = [b for b in self.network.buffers() if b.is_floating_point()]
+        self.buffers = list(self.network.buffers())
         cuda = device.type == "cuda"
         self.amp_dtype = torch.float16 if cuda else torch.bfloat16
         # created once (MONAI's Trainer.run makes a new one per run, which would lose its state on resume)
@@ -139,7 +139,7 @@ class StabilisedDetectionTrainer(Trainer):
 
     def _forward_loss(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor] | None:
         """Detector losses under autocast, or ``None`` when a head raised its ``NaN or Inf`` ValueError."""
-        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp else contextlib.nullcontext()
+        autocast = torch.autocast(self.state.device.type, dtype=self.amp_dtype) if self.amp else contextlib.nullcontext()
         try:
             with autocast:
                 return self.detector(images, targets)
@@ -158,7 +158,7 @@ class StabilisedDetectionTrainer(Trainer):
         saved_buffers = [b.clone() for b in engine.buffers] if engine.skip_nonfinite else []
         engine.state.output = {Keys.IMAGE: images, Keys.LABEL: targets}
 
-        nan = torch.tensor(float("nan"), device=engine.device)
+        nan = torch.tensor(float("nan"), device=engine.state.device)
         losses = engine._forward_loss(images, targets)
         if losses is None:
             loss_cls = loss_reg = loss = grad_norm = nan
@@ -177,7 +177,7 @@ class StabilisedDetectionTrainer(Trainer):
 
         # the fused decision: one vector, one host sync (and one all-reduce under DDP)
         finite_images = torch.stack([torch.isfinite(x).all() for x in images])
-        logits_failed = torch.tensor(float(losses is None), device=engine.device)
+        logits_failed = torch.tensor(float(losses is None), device=engine.state.device)
         flags = torch.stack([(~finite_images.all()).float(), logits_failed, (~loss.isfinite()).float()])
         parts = torch.stack([t.detach().float() for t in (loss, loss_cls, loss_reg, grad_norm)])
         shared = torch.cat([flags, (~grad_norm.isfinite()).float()[None], parts])
