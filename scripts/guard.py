@@ -242,7 +242,20 @@ class NaNGuard:
             self._rollback(engine, f"{self.consecutive} consecutive non-finite steps")
 
     def _record(self, engine: Engine, kind: str, out: dict[str, Any]) -> None:
-        bad_files = sorted({os.path.abspath(f) for f in out.get("bad_files", []) if f})
+        local_files = sorted({os.path.abspath(f) for f in out.get("bad_files", []) if f})
+        candidates = []
+        for f in local_files:
+            stats = self.file_stats.setdefault(f, [0, 1])
+            stats[0] += 1
+            if self.quarantine_after and stats[0] >= self.quarantine_after and (kind == "input" or self._stands_out(stats)):
+                candidates.append((f, f"{stats[0]} non-finite events in {stats[1]} iterations (last: {kind})"))
+        bad_files = local_files
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank records the same event: merge the files and the quarantine decisions of all ranks
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, (local_files, candidates))
+            bad_files = sorted({f for files, _ in gathered for f in files})
+            candidates = [c for _, cands in gathered for c in cands]
         entry = {
             "iteration": engine.state.iteration,
             "epoch": engine.state.epoch,
@@ -257,16 +270,14 @@ class NaNGuard:
         }
         if len(self.events) < self.max_logged_events:
             self.events.append(entry)
-        logger.warning(
-            f"guard: non-finite {kind} at epoch {entry['epoch']} iteration {entry['iteration']} "
-            f"(loss {entry['loss']:.4g}, grad norm {entry['grad_norm']:.4g}, lr {entry['lr']:.3g}); step skipped; "
-            f"files: {', '.join(os.path.basename(f) for f in bad_files) or '-'}"
-        )
-        for f in bad_files:
-            stats = self.file_stats.setdefault(f, [0, 1])
-            stats[0] += 1
-            if self.quarantine_after and stats[0] >= self.quarantine_after and (kind == "input" or self._stands_out(stats)):
-                self.quarantine.add(f, f"{stats[0]} non-finite events in {stats[1]} iterations (last: {kind})", "guard")
+        if self.write_files:
+            logger.warning(
+                f"guard: non-finite {kind} at epoch {entry['epoch']} iteration {entry['iteration']} "
+                f"(loss {entry['loss']:.4g}, grad norm {entry['grad_norm']:.4g}, lr {entry['lr']:.3g}); step skipped; "
+                f"files: {', '.join(os.path.basename(f) for f in bad_files) or '-'}"
+            )
+        for f, reason in candidates:
+            self.quarantine.add(f, reason, "guard")
 
     def _stands_out(self, stats: list[int]) -> bool:
         """Whether a file fails in at least 3/4 of its iterations and twice as often as the iterations without it."""

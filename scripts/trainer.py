@@ -8,6 +8,7 @@ the stabilised step of design.md section 5.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -19,6 +20,10 @@ from monai.utils.enums import CommonKeys as Keys
 from torch.utils.data import DataLoader
 
 __all__ = ["StabilisedDetectionTrainer", "detection_prepare_batch", "EVENT_KINDS"]
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 # kinds of non-finite events, in the order of the fused flag vector
 EVENT_KINDS = ("input", "logits", "loss", "grad")
@@ -46,10 +51,16 @@ class StabilisedDetectionTrainer(Trainer):
     unscale, global gradient-norm clipping, and an optimiser step only when the whole iteration was finite.
 
     The finiteness of the input, the heads' ``NaN or Inf`` ValueError, the loss and the gradient norm are
-    gathered in one flag vector and read with a single host synchronisation (all-reduced under DDP so every
-    rank decides alike). A refused step leaves parameters, buffers, optimiser state and GradScaler exactly as
-    they were. The iteration reports what happened in ``engine.state.output`` (keys ``loss``, ``loss_cls``,
-    ``loss_reg``, ``grad_norm``, ``event``, ``bad_files``, ``files``); the `NaNGuard` handler acts on it.
+    gathered in one flag vector and read with a single host synchronisation. A refused step leaves parameters,
+    buffers, optimiser state and GradScaler exactly as they were. The iteration reports what happened in
+    ``engine.state.output`` (keys ``loss``, ``loss_cls``, ``loss_reg``, ``grad_norm``, ``event``, ``bad_files``,
+    ``files``); the `NaNGuard` handler acts on it.
+
+    Under DDP (an initialised process group) the trainer does the data-parallel synchronisation itself: ranks start
+    from rank 0's weights, and one all-reduce per step averages gradients and BatchNorm statistics together with the
+    event flags, so every rank takes the same decision. Torch's `DistributedDataParallel` wrapper cannot be used
+    here: when the heads raise on one rank only, its reducer is left mid-iteration (the processes abort at exit)
+    and the other ranks would block in backward.
 
     Args:
         device: the device to train on.
@@ -124,6 +135,8 @@ class StabilisedDetectionTrainer(Trainer):
         self.buffers = list(self.network.buffers())
         cuda = device.type == "cuda"
         self.amp_dtype = torch.float16 if cuda else torch.bfloat16
+        self.world_size = 1
+        self.add_event_handler(Events.STARTED, lambda engine: engine._broadcast_state())
         # created once (MONAI's Trainer.run makes a new one per run, which would lose its state on resume)
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp and cuda) if amp and cuda else None
 
@@ -161,7 +174,7 @@ class StabilisedDetectionTrainer(Trainer):
         nan = torch.tensor(float("nan"), device=engine.state.device)
         losses = engine._forward_loss(images, targets)
         if losses is None:
-            loss_cls = loss_reg = loss = grad_norm = nan
+            loss_cls = loss_reg = loss = nan
         else:
             loss_cls, loss_reg = losses[engine.detector.cls_key], losses[engine.detector.box_reg_key]
             loss = engine.w_cls * loss_cls + engine.w_reg * loss_reg
@@ -169,25 +182,27 @@ class StabilisedDetectionTrainer(Trainer):
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
             (engine.scaler.scale(loss) if engine.scaler else loss).backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            if engine.scaler:
-                engine.scaler.unscale_(engine.optimizer)
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in engine.params if p.grad is not None])
-            if engine.grad_clip_norm is not None:
-                torch.nn.utils.clip_grads_with_norm_(engine.params, engine.grad_clip_norm, grad_norm)
 
-        # the fused decision: one vector, one host sync (and one all-reduce under DDP)
+        # the fused decision: one vector, one host sync (and under DDP one all-reduce, which also averages grads)
         finite_images = torch.stack([torch.isfinite(x).all() for x in images])
         logits_failed = torch.tensor(float(losses is None), device=engine.state.device)
         flags = torch.stack([(~finite_images.all()).float(), logits_failed, (~loss.isfinite()).float()])
-        parts = torch.stack([t.detach().float() for t in (loss, loss_cls, loss_reg, grad_norm)])
-        shared = torch.cat([flags, (~grad_norm.isfinite()).float()[None], parts])
-        world = 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world = torch.distributed.get_world_size()
-            torch.distributed.all_reduce(shared)  # sums: flags > 0 on any rank, losses averaged below
-        values = torch.cat([shared, (~finite_images).float()]).tolist()
-        flags_, bad_images = values[:4], values[8:]
-        loss_v, cls_v, reg_v, gnorm_v = (v / world for v in values[4:8])
+        shared = torch.cat([flags, torch.stack([t.detach().float() for t in (loss, loss_cls, loss_reg)])])
+        if engine.world_size > 1:
+            shared = engine._all_reduce(shared)
+        grads = [p.grad for p in engine.params if p.grad is not None]
+        grad_norm = nan
+        if grads:
+            if engine.scaler and losses is not None:
+                engine.scaler.unscale_(engine.optimizer)
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+            if engine.grad_clip_norm is not None:
+                torch.nn.utils.clip_grads_with_norm_(engine.params, engine.grad_clip_norm, grad_norm)
+        shared = torch.cat([shared, grad_norm.float()[None], (~finite_images).float()])
+        values = shared.tolist()
+        flags_ = [*values[:3], 0.0 if math.isfinite(values[6]) else 1.0]
+        loss_v, cls_v, reg_v = (v / engine.world_size for v in values[3:6])
+        gnorm_v, bad_images = values[6], values[7:]
         event = next((k for k, f in zip(EVENT_KINDS, flags_) if f), None)
         if event is not None and not engine.skip_nonfinite:
             event = None  # the zoo trainer: step anyway
@@ -220,6 +235,31 @@ class StabilisedDetectionTrainer(Trainer):
             }
         )
         return engine.state.output
+
+    def _broadcast_state(self) -> None:
+        """Start every DDP rank from rank 0's parameters and buffers (as `DistributedDataParallel` does)."""
+        self.world_size = torch.distributed.get_world_size() if _distributed() else 1
+        if self.world_size > 1:
+            with torch.no_grad():
+                for t in [*self.network.parameters(), *self.buffers]:
+                    torch.distributed.broadcast(t, src=0)
+
+    def _all_reduce(self, stats: torch.Tensor) -> torch.Tensor:
+        """
+        One all-reduce per step: gradients and float buffers (BatchNorm statistics) are averaged over the ranks, and
+        ``stats`` (event flags, losses) summed and returned. A rank whose forward failed contributes zero gradients.
+        """
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        floats = [b for b in self.buffers if b.is_floating_point()]
+        flat = torch.cat([t.reshape(-1).float() for t in (*grads, *floats)] + [stats])
+        torch.distributed.all_reduce(flat)
+        chunks = flat.split([t.numel() for t in (*grads, *floats)] + [stats.numel()])
+        with torch.no_grad():
+            for p, c in zip(self.params, chunks):
+                p.grad = c.view_as(p).div_(self.world_size).to(p.dtype)
+            for b, c in zip(floats, chunks[len(grads) :]):
+                b.copy_(c.view_as(b).div_(self.world_size))
+        return chunks[-1]
 
     def _refuse_step(self, event: str, unscaled: bool) -> None:
         """Leave optimiser and scaler as they were; under AMP an fp16 gradient overflow still backs the scale off."""

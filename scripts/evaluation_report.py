@@ -1,0 +1,193 @@
+"""The evaluation report of ``evaluate.json``: COCO metrics and the LUNA16 FROC, written as JSON, CSV and a figure."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.apps.detection.metrics.coco import COCOMetric
+
+from scripts.coco_metric import coco_results
+from scripts.froc import LUNA16_FP_RATES, froc
+
+__all__ = ["EvaluationReport", "evaluation_metrics", "save_froc_figure"]
+
+logger = logging.getLogger(__name__)
+
+_KEYS = ("box", "label", "label_scores")
+
+
+def _numpy(x: Any) -> np.ndarray:
+    """A tensor or array-like as a numpy array."""
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def evaluation_metrics(
+    preds: Sequence[dict],
+    targets: Sequence[dict],
+    coco_metric: COCOMetric,
+    fp_rates: Sequence[float] = LUNA16_FP_RATES,
+    iou_threshold: float = 0.1,
+    max_detections: int = 100,
+) -> dict[str, Any]:
+    """``{"num_images", "coco": {name: value}, "froc": {...}}`` of per-image predictions against targets."""
+    coco = coco_results(coco_metric, preds, targets, max_detections=max_detections) if preds else {}
+    return {
+        "num_images": len(preds),
+        "coco": coco,
+        "froc": froc(preds, targets, fp_rates=fp_rates, iou_threshold=iou_threshold),
+    }
+
+
+def _flat(metrics: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The report as ``(name, value)`` rows: COCO values, then FROC sensitivities and CPM."""
+    rows: list[tuple[str, Any]] = [("num_images", metrics["num_images"])]
+    rows += sorted(metrics["coco"].items())
+    f = metrics["froc"]
+    rows += [(f"froc_sensitivity_fp_{r:g}", s) for r, s in zip(f["fp_rates"], f["sensitivity"], strict=True)]
+    rows += [("froc_cpm", f["cpm"]), ("froc_iou_threshold", f["iou_threshold"])]
+    rows += [(k, f[k]) for k in ("num_nodules", "num_detected", "num_false_positives")]
+    return rows
+
+
+def save_froc_figure(result: dict[str, Any], path: str) -> None:
+    """Plot a `froc` result (curve, operating points, CPM) to ``path`` (PNG), log-scaled FP axis as in LUNA16."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
+    curve = result.get("curve") or {}
+    if curve:
+        fps = np.asarray(curve["fps_per_image"])
+        sens = np.asarray(curve["sensitivity"])
+        grid = np.geomspace(min(result["fp_rates"]) / 2, max(max(result["fp_rates"]), float(fps.max(initial=0))), 200)
+        ax.plot(grid, np.interp(grid, fps, sens), "-", color="tab:blue", label="FROC")
+    if result.get("cpm") is not None:
+        ax.plot(result["fp_rates"], result["sensitivity"], "o", color="tab:red", label=f"CPM {result['cpm']:.3f}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("false positives per scan")
+    ax.set_ylabel("sensitivity")
+    ax.set_ylim(0.0, 1.02)
+    ax.set_title(f"FROC, {result['num_images']} scans, {result['num_nodules']} nodules")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+class EvaluationReport:
+    """
+    Collects per-image predictions and targets of an evaluator run; at the end of the epoch computes MONAI's
+    `COCOMetric` and the LUNA16 FROC (`scripts.froc.froc`), writes ``metrics.json``, ``metrics.csv`` and
+    ``froc.png`` to ``output_dir`` and logs a summary. Under DDP the records of all ranks are gathered and rank 0
+    writes.
+
+    Args:
+        output_dir: folder of the report files (created if missing).
+        coco_metric: the configured `COCOMetric` (classes, IoU list and range, max detections).
+        fp_rates: false positives per scan at which the FROC sensitivity is read.
+        iou_threshold: box IoU from which a prediction hits a nodule (FROC).
+        max_detections: top-scoring predictions per image the COCO matching keeps.
+        output_transform: engine output -> ``(preds, targets)``, lists of dicts with ``box``, ``label`` (and
+            ``label_scores`` for predictions), boxes ``xyzxyz`` in one coordinate frame.
+        prefix: file name stem of the JSON and CSV files.
+        extra: more JSON-ready fields to record in ``metrics.json`` (e.g. the checkpoint path).
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        coco_metric: COCOMetric,
+        fp_rates: Sequence[float] = LUNA16_FP_RATES,
+        iou_threshold: float = 0.1,
+        max_detections: int = 100,
+        output_transform: Callable[[Any], tuple[Sequence[dict], Sequence[dict]]] = lambda o: (o["pred"], o["label"]),
+        prefix: str = "metrics",
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.output_dir = output_dir
+        self.coco_metric = coco_metric
+        self.fp_rates = [float(r) for r in fp_rates]
+        self.iou_threshold = float(iou_threshold)
+        self.max_detections = int(max_detections)
+        self.output_transform = output_transform
+        self.prefix = prefix
+        self.extra = dict(extra or {})
+        self.metrics: dict[str, Any] = {}
+        self.reset()
+
+    def attach(self, engine: Engine) -> None:
+        """Reset at each epoch start, collect at each iteration, report at each epoch end."""
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.report)
+
+    def reset(self, engine: Engine | None = None) -> None:
+        """Forget the collected records."""
+        self._preds: list[dict[str, np.ndarray]] = []
+        self._targets: list[dict[str, np.ndarray]] = []
+
+    def update(self, engine: Engine) -> None:
+        """Record the predictions and targets of the engine's current output as numpy arrays."""
+        preds, targets = self.output_transform(engine.state.output)
+        if targets is None:
+            raise ValueError("EvaluationReport needs targets: the datalist items must have 'box' and 'label'")
+        self._preds += [{k: _numpy(p[k]) for k in _KEYS} for p in preds]
+        self._targets += [{k: _numpy(t[k]) for k in _KEYS[:2]} for t in targets]
+
+    def _gathered(self) -> tuple[list[dict], list[dict]]:
+        """The records of all ranks (of this process only without DDP)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self._preds, self._targets
+        gathered: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, (self._preds, self._targets))
+        return [p for g in gathered for p in g[0]], [t for g in gathered for t in g[1]]
+
+    def report(self, engine: Engine | None = None) -> dict[str, Any]:
+        """Compute the metrics, write the files (rank 0) and return the metrics."""
+        preds, targets = self._gathered()
+        self.metrics = {
+            **evaluation_metrics(
+                preds, targets, self.coco_metric, self.fp_rates, self.iou_threshold, self.max_detections
+            ),
+            **self.extra,
+        }
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+            return self.metrics
+        os.makedirs(self.output_dir, exist_ok=True)
+        json_path = os.path.join(self.output_dir, f"{self.prefix}.json")
+        with open(json_path, "w") as f:
+            json.dump(self.metrics, f, indent=4)
+            f.write("\n")
+        with open(os.path.join(self.output_dir, f"{self.prefix}.csv"), "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["metric", "value"])
+            writer.writerows((k, "" if v is None else v) for k, v in _flat(self.metrics))
+        save_froc_figure(self.metrics["froc"], os.path.join(self.output_dir, "froc.png"))
+        logger.info(self.summary())
+        return self.metrics
+
+    def summary(self) -> str:
+        """One paragraph: the headline COCO values, the FROC points and CPM, and where the files are."""
+        coco = self.metrics.get("coco", {})
+        f = self.metrics["froc"]
+        heads = [k for k in coco if not k.startswith(tuple(f"{c}_" for c in self.coco_metric.classes))]
+        parts = [f"{k} {coco[k]:.4f}" for k in heads]
+        points = ", ".join(
+            f"{r:g}: {'n/a' if s is None else f'{s:.3f}'}" for r, s in zip(f["fp_rates"], f["sensitivity"], strict=True)
+        )
+        cpm = "n/a" if f["cpm"] is None else f"{f['cpm']:.4f}"
+        return (
+            f"evaluation on {self.metrics['num_images']} scans, {f['num_nodules']} nodules: {'; '.join(parts)}; "
+            f"FROC sensitivity at FP/scan {{{points}}}, CPM {cpm}; report in {self.output_dir}"
+        )

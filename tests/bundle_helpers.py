@@ -1,0 +1,67 @@
+"""Helpers for the evaluate / inference / export tests: tiny-network overrides, tiny phantoms, a saved tiny model."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from monai.bundle import ConfigParser
+
+from scripts.phantoms import generate_dataset
+
+__all__ = ["CONFIGS", "REPO", "TINY", "config", "bundle_paths", "make_phantoms", "parse", "save_tiny_model"]
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "configs")
+
+# a one-block-per-stage ResNet with an 8-channel FPN: the bundle's network structure, small enough for a CPU test
+TINY: dict[str, Any] = {
+    "backbone": "$monai.networks.nets.resnet.ResNet(block='basic', layers=[1, 1, 1, 1], block_inplanes=[8, 16, 32, 64],"
+    " spatial_dims=3, n_input_channels=1, conv1_t_stride=[2, 2, 1], conv1_t_size=[7, 7, 7], norm=@backbone_norm)",
+    "feature_extractor": "$monai.networks.blocks.backbone_fpn_utils.BackboneWithFPN(@backbone,"
+    " {'layer1': '0', 'layer2': '1'}, [8, 16], 8, spatial_dims=3,"
+    " extra_blocks=monai.networks.blocks.feature_pyramid_network.LastLevelMaxPool(3))",
+    "val_patch_size": [64, 64, 32],
+    "patch_size": [64, 64, 32],
+    "num_workers": 0,
+    "amp": False,
+    "device": "$torch.device('cpu')",
+}
+
+
+def config(name: str) -> str:
+    """Absolute path of ``configs/<name>``."""
+    return os.path.join(CONFIGS, name)
+
+
+def bundle_paths() -> dict[str, str]:
+    """The ``meta_file`` and ``logging_file`` arguments of `monai.bundle.run`, absolute."""
+    return {"meta_file": config("metadata.json"), "logging_file": config("logging.conf")}
+
+
+def parse(*names: str, **overrides: Any) -> ConfigParser:
+    """A parser of the named configs merged in order, with ``overrides`` applied."""
+    parser = ConfigParser()
+    parser.read_config([config(n) for n in names])
+    parser.update(overrides)
+    return parser
+
+
+def make_phantoms(out_dir: str) -> str:
+    """Two training and one validation phantom of 64 x 64 x 32 voxels in ``out_dir``; returns the datalist path."""
+    return generate_dataset(out_dir, num_train=2, num_val=1, shape=(64, 64, 32), progress=False)
+
+
+def save_tiny_model(path: str, seed: int = 0) -> torch.nn.Module:
+    """
+    Build the tiny ``network_def`` of inference.json, save its state dict to ``path`` and return it (eval mode).
+    The classification bias is set to 0 (prior 0.5 instead of 0.01), so that the untrained network returns boxes.
+    """
+    torch.manual_seed(seed)
+    network = parse("inference.json", **TINY).get_parsed_content("network_def")
+    with torch.no_grad():
+        network.classification_head.cls_logits.bias.zero_()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(network.state_dict(), path)
+    return network.eval()

@@ -1,0 +1,122 @@
+"""inference.json: inputs from a datalist or a folder, world-coordinate boxes that round-trip, previews, model.ts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import run
+
+from scripts.inference_io import DetectionWriter, list_inputs
+from tests.bundle_helpers import TINY, bundle_paths, config, make_phantoms, parse, save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    data = str(tmp_path_factory.mktemp("phantoms"))
+    return {"dir": data, "datalist": make_phantoms(data)}
+
+
+def test_list_inputs_from_datalist_or_folder(phantoms: dict[str, str], tmp_path) -> None:
+    items = list_inputs(phantoms["datalist"], phantoms["dir"], "training")
+    assert [i["image_name"] for i in items] == ["images/train_000.nii.gz", "images/train_001.nii.gz"]
+    assert all(os.path.isfile(i["image"]) for i in items)
+    images = os.path.join(phantoms["dir"], "images")
+    folder = list_inputs("", images)
+    assert [i["image_name"] for i in folder] == ["train_000.nii.gz", "train_001.nii.gz", "val_000.nii.gz"]
+    assert len(list_inputs(os.path.join(images, "missing.json"), images)) == 3
+    with pytest.raises(KeyError):
+        list_inputs(phantoms["datalist"], phantoms["dir"], "test")
+    with pytest.raises(FileNotFoundError):
+        list_inputs("", str(tmp_path))
+
+
+def test_true_boxes_round_trip_to_the_datalist(phantoms: dict[str, str]) -> None:
+    """The nodules' image-coordinate boxes, written as predictions, come back as the datalist's world LPS boxes."""
+    parser = parse("inference.json", dataset_dir=phantoms["dir"], data_list_file_path=phantoms["datalist"])
+    item = parser.get_parsed_content("input_files")[0]
+    loaded = parser.get_parsed_content("preprocessing")(item)
+    with open(os.path.join(phantoms["dir"], "phantom_truth.json")) as f:
+        nodules = json.load(f)[item["image_name"]]["nodules"]
+    with open(phantoms["datalist"]) as f:
+        expected = json.load(f)["validation"][0]
+    boxes = torch.tensor([n["voxel_box"] for n in nodules], dtype=torch.float32)
+    pred = {
+        "box": boxes,
+        "label": torch.zeros(len(boxes), dtype=torch.long),
+        "label_scores": torch.linspace(0.9, 0.5, len(boxes)),
+    }
+    writer = DetectionWriter("unused", parser.get_parsed_content("postprocessing"))
+    entry = writer.convert(loaded, pred)
+    assert entry["image"] == expected["image"]
+    np.testing.assert_allclose(entry["box"], expected["box"], atol=1e-3)
+    assert entry["label"] == expected["label"]
+    assert entry["label_scores"] == pytest.approx(pred["label_scores"].tolist())
+
+
+@pytest.fixture(scope="module")
+def inferred(phantoms: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """inference.json run from model.pt (with previews) and from model.ts of the same tiny untrained network."""
+    root = str(tmp_path_factory.mktemp("bundle"))
+    network = save_tiny_model(os.path.join(root, "models", "model.pt"))
+    torch.jit.script(network).save(os.path.join(root, "models", "model.ts"))
+    common = {"bundle_root": root, "dataset_dir": phantoms["dir"], "data_list_file_path": phantoms["datalist"]}
+    common.update(TINY, **bundle_paths())
+    run("inference", config_file=config("inference.json"), save_previews=True, preview_score_thresh=0.0, **common)
+    ts_out = os.path.join(root, "from_ts")
+    run(
+        "run",
+        config_file=config("inference.json"),
+        model_path=os.path.join(root, "models", "model.ts"),
+        output_dir=ts_out,
+        **common,
+    )
+    return {"pt": os.path.join(root, "eval"), "ts": ts_out, "root": root}
+
+
+def test_result_json_structure(inferred: dict[str, str], phantoms: dict[str, str]) -> None:
+    with open(os.path.join(inferred["pt"], "result.json")) as f:
+        result = json.load(f)
+    assert list(result) == ["validation"]
+    (entry,) = result["validation"]
+    assert entry["image"] == "images/val_000.nii.gz"
+    assert len(entry["box"]) == len(entry["label"]) == len(entry["label_scores"]) > 0
+    assert all(len(b) == 6 and b[3] > 0 and b[4] > 0 and b[5] > 0 for b in entry["box"])
+    assert all(isinstance(v, int) for v in entry["label"])
+    assert all(0.0 <= s <= 1.0 for s in entry["label_scores"])
+    assert os.path.getsize(os.path.join(inferred["pt"], "previews", "val_000.png")) > 0
+
+
+def test_torchscript_model_gives_the_same_result(inferred: dict[str, str]) -> None:
+    results = []
+    for key in ("pt", "ts"):
+        with open(os.path.join(inferred[key], "result.json")) as f:
+            results.append(json.load(f)["validation"][0])
+    eager, scripted = results
+    assert not os.path.exists(os.path.join(inferred["ts"], "previews"))
+    top = 10
+    np.testing.assert_allclose(eager["label_scores"][:top], scripted["label_scores"][:top], atol=1e-4)
+    np.testing.assert_allclose(eager["box"][:top], scripted["box"][:top], atol=1e-3)
+
+
+def test_folder_input(inferred: dict[str, str], phantoms: dict[str, str], tmp_path) -> None:
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    shutil.copy(os.path.join(phantoms["dir"], "images", "val_000.nii.gz"), folder / "scan.nii.gz")
+    out = tmp_path / "out"
+    common = {
+        "bundle_root": inferred["root"],
+        "dataset_dir": str(folder),
+        "data_list_file_path": "",
+        "output_dir": str(out),
+    }
+    run("inference", config_file=config("inference.json"), **common, **TINY, **bundle_paths())
+    with open(out / "result.json") as f:
+        (entry,) = json.load(f)["validation"]
+    assert entry["image"] == "scan.nii.gz"
+    with open(os.path.join(inferred["pt"], "result.json")) as f:
+        assert entry["box"] == json.load(f)["validation"][0]["box"]
