@@ -93,7 +93,9 @@ class NaNGuard:
         max_rollbacks: rollbacks allowed before the run is stopped.
         snapshot_every: iterations between snapshot refreshes.
         quarantine_after: events a file must take part in before it is quarantined (0 disables quarantine).
-        max_loss_growth: a window whose mean loss grew more than this factor is not snapshotted.
+        max_loss_growth: a loss above this factor times the median of the last ``snapshot_every`` healthy losses
+            (at least 1) is refused as a ``loss`` event, and a window whose mean loss grew more than this factor
+            is not snapshotted.
         amp_overflow_patience: consecutive AMP overflows counted as one grad event.
         quarantine: the shared quarantine record (data QA writes to it as well).
         report_path: JSON report written at the end of the run (or at the stop).
@@ -108,7 +110,7 @@ class NaNGuard:
         lr_scheduler: Any = None,
         enabled: bool = True,
         patience: int = 3,
-        lr_backoff: float = 0.25,
+        lr_backoff: float = 0.1,
         max_rollbacks: int = 8,
         snapshot_every: int = 10,
         quarantine_after: int = 2,
@@ -139,6 +141,7 @@ class NaNGuard:
         self.snapshot: dict[str, Any] | None = None
         self.stop_message: str | None = None
         self._window: list[float] = []
+        self._recent: list[float] = []  # the last ``snapshot_every`` losses of stepped iterations
         self._window_clean = True
         self.reset()
 
@@ -152,6 +155,7 @@ class NaNGuard:
         self.file_stats: dict[str, list[int]] = {}  # file -> [events, times seen]
         self.iterations = 0
         self.snapshot_iteration = 0
+        self.snapshot_lr_scale = 1.0
         self.snapshot_loss: float | None = None
         self.status = "running"
 
@@ -181,6 +185,7 @@ class NaNGuard:
             }
         )
         self.snapshot_iteration = engine.state.iteration
+        self.snapshot_lr_scale = self.lr_scale
 
     def restore_snapshot(self) -> None:
         """Load the last good state back (exactly: parameters, buffers, optimiser, scaler, scheduler)."""
@@ -195,6 +200,9 @@ class NaNGuard:
     def _ensure_snapshot(self, engine: Engine) -> None:
         if self.snapshot is None:
             self.take_snapshot(engine)
+        # a loss spike (``max_loss_growth`` times the median of the recent healthy losses, at least 1) is refused
+        recent = sorted(self._recent)
+        engine.loss_limit = self.max_loss_growth * max(recent[len(recent) // 2], 1.0) if recent else math.inf
 
     def _maybe_refresh_snapshot(self, engine: Engine, loss: float) -> None:
         self._window.append(loss)
@@ -221,6 +229,7 @@ class NaNGuard:
         if event is None:
             self.consecutive = 0
             self.consecutive_amp = 0
+            self._recent = [*self._recent[1 - self.snapshot_every :], out["loss"]]
             self._maybe_refresh_snapshot(engine, out["loss"])
             return
         self.counters["skipped_steps"] += 1
@@ -292,8 +301,10 @@ class NaNGuard:
             self._stop(engine, why)
             return
         self.restore_snapshot()
-        scale_lr(self.optimizer, self.lr_scheduler, self.lr_backoff)
+        self._recent = []
         self.lr_scale *= self.lr_backoff
+        # the snapshot holds the LR of its time: bring it to the new cumulative scale
+        scale_lr(self.optimizer, self.lr_scheduler, self.lr_scale / self.snapshot_lr_scale)
         self.counters["rollbacks"] += 1
         self._window, self._window_clean = [], True
         logger.warning(

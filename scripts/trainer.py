@@ -136,6 +136,7 @@ class StabilisedDetectionTrainer(Trainer):
         cuda = device.type == "cuda"
         self.amp_dtype = torch.float16 if cuda else torch.bfloat16
         self.world_size = 1
+        self.loss_limit = math.inf  # losses above it are refused like non-finite ones (set by the NaN guard)
         self.add_event_handler(Events.STARTED, lambda engine: engine._broadcast_state())
         # created once (MONAI's Trainer.run makes a new one per run, which would lose its state on resume)
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp and cuda) if amp and cuda else None
@@ -186,7 +187,8 @@ class StabilisedDetectionTrainer(Trainer):
         # the fused decision: one vector, one host sync (and under DDP one all-reduce, which also averages grads)
         finite_images = torch.stack([torch.isfinite(x).all() for x in images])
         logits_failed = torch.tensor(float(losses is None), device=engine.state.device)
-        flags = torch.stack([(~finite_images.all()).float(), logits_failed, (~loss.isfinite()).float()])
+        bad_loss = ~loss.isfinite() | (loss.detach() > engine.loss_limit)  # the guard's spike limit (inf: none)
+        flags = torch.stack([(~finite_images.all()).float(), logits_failed, bad_loss.float()])
         shared = torch.cat([flags, torch.stack([t.detach().float() for t in (loss, loss_cls, loss_reg)])])
         if engine.world_size > 1:
             shared = engine._all_reduce(shared)

@@ -134,7 +134,7 @@ def test_nan_weights_roll_back_to_the_exact_snapshot(tmp_path):
     trainer.run()
     assert seen.get("checked") and seen["snapshot_iteration"] == 4  # refreshed after the first healthy window
     assert guard.counters["rollbacks"] == 1 and guard.counters["weights_nonfinite"] == 1
-    assert guard.events[0]["kind"] == "weights" and guard.lr_scale == pytest.approx(0.25)
+    assert guard.events[0]["kind"] == "weights" and guard.lr_scale == pytest.approx(guard.lr_backoff)
     assert finite_weights(trainer.network) and trainer.state.epoch == 3
 
 
@@ -226,7 +226,7 @@ def test_guard_state_survives_a_restart(tmp_path):
 
     trainer.run()
     state = guard.state_dict()
-    assert state["counters"]["rollbacks"] == 2 and state["lr_scale"] == pytest.approx(0.0625)
+    assert state["counters"]["rollbacks"] == 2 and state["lr_scale"] == pytest.approx(guard.lr_backoff**2)
     resumed = NaNGuard(trainer.network, trainer.optimizer, None, quarantine=Quarantine())
     resumed.load_state_dict(copy.deepcopy(state))
     assert resumed.counters == guard.counters and resumed.lr_scale == guard.lr_scale

@@ -1,0 +1,106 @@
+"""
+Overhead of the stabilised step: the guarded iteration (finiteness checks, buffer backup, clipping, the guard's
+bookkeeping and snapshots) against the same iteration with the guard off, alternating in one process on the
+same batches, so machine noise hits both alike. Prints the medians and their ratio.
+
+    python -m scripts.benchmark_guard --config_file "['configs/train.json','configs/demo.json']" --rounds 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import statistics
+import time
+
+import torch
+from monai.bundle import ConfigParser
+from monai.data import MetaTensor
+
+from scripts.guard import NaNGuard
+from scripts.trainer import StabilisedDetectionTrainer
+
+
+def make_batches(n: int, patch: list[int], batch_size: int, seed: int = 0) -> list[list[list[dict]]]:
+    """``n`` loader batches of ``batch_size`` random crops, each with one box, as the training loader yields them."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for i in range(n):
+        crops = []
+        for _ in range(batch_size):
+            image = torch.rand((1, *patch), generator=g)
+            lo = [int(torch.randint(0, s - 10, (1,), generator=g)) for s in patch]
+            image[:, lo[0] : lo[0] + 8, lo[1] : lo[1] + 8, lo[2] : lo[2] + 5] += 1.0
+            box = torch.tensor([[lo[0], lo[1], lo[2], lo[0] + 8, lo[1] + 8, lo[2] + 5]], dtype=torch.float32)
+            crops.append({"image": MetaTensor(image, meta={"filename_or_obj": f"case_{i}.nii.gz"}), "box": box, "label": torch.tensor([0])})
+        batches.append([crops])
+    return batches
+
+
+def build(parser: ConfigParser, guarded: bool, state: dict | None) -> tuple[StabilisedDetectionTrainer, NaNGuard | None]:
+    """A trainer over a fresh copy of the configured detector (same initial weights for both arms)."""
+    parser.parse(reset=True)
+    detector = parser.get_parsed_content("detector")
+    parser.get_parsed_content("detector_ops")  # matcher, sampler, box selector, inferer
+    if state is not None:
+        detector.network.load_state_dict(state)
+    optimizer = torch.optim.SGD(detector.network.parameters(), lr=parser["learning_rate"], momentum=0.9, nesterov=True)
+    trainer = StabilisedDetectionTrainer(
+        parser.get_parsed_content("device"),
+        1,
+        [],
+        detector,
+        optimizer,
+        grad_clip_norm=parser.get_parsed_content("grad_clip_norm") if guarded else None,
+        skip_nonfinite=guarded,
+        amp=parser.get_parsed_content("amp"),
+    )
+    guard = NaNGuard(detector.network, optimizer, snapshot_every=parser["guard"]["snapshot_every"]) if guarded else None
+    return trainer, guard
+
+
+def step(trainer: StabilisedDetectionTrainer, guard: NaNGuard | None, batch: list) -> float:
+    """Time one iteration, including the guard's handlers where it is on."""
+    start = time.perf_counter()
+    trainer.state.iteration += 1
+    if guard is not None:
+        guard._ensure_snapshot(trainer)
+    trainer.state.output = trainer._iteration(trainer, batch)
+    if guard is not None:
+        guard.iteration_completed(trainer)
+    if trainer.state.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    args = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    args.add_argument("--config_file", default="['configs/train.json','configs/demo.json']")
+    args.add_argument("--rounds", type=int, default=40)
+    args.add_argument("--warmup", type=int, default=5)
+    opts = args.parse_args()
+    files = ast.literal_eval(opts.config_file) if opts.config_file.startswith("[") else opts.config_file
+    parser = ConfigParser()
+    parser.read_config(files)
+    torch.manual_seed(0)
+    on, guard = build(parser, True, None)
+    off, _ = build(parser, False, copy.deepcopy(on.network.state_dict()))
+    batches = make_batches(opts.rounds + opts.warmup, parser["patch_size"], parser["batch_size"])
+    times: dict[str, list[float]] = {"on": [], "off": []}
+    for i, batch in enumerate(batches):
+        order = [("on", on, guard), ("off", off, None)] if i % 2 == 0 else [("off", off, None), ("on", on, guard)]
+        for name, trainer, g in order:
+            t = step(trainer, g, batch)
+            if i >= opts.warmup:
+                times[name].append(t)
+    med_on, med_off = statistics.median(times["on"]), statistics.median(times["off"])
+    ratios = [a / b for a, b in zip(times["on"], times["off"])]
+    print(f"device {on.state.device}, threads {torch.get_num_threads()}, rounds {opts.rounds}, configs {files}")
+    print(f"median iteration, guard on : {med_on * 1000:.1f} ms")
+    print(f"median iteration, guard off: {med_off * 1000:.1f} ms")
+    print(f"ratio of medians: {med_on / med_off:.4f}; median of per-round ratios: {statistics.median(ratios):.4f}")
+
+
+if __name__ == "__main__":
+    main()

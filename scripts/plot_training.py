@@ -1,0 +1,70 @@
+"""
+A figure of a training run from the monitor's CSV (`output_dir/train_log.csv`): loss parts, gradient norm before
+clipping, learning rate, and the guard's events and rollbacks over iterations.
+
+    python -m scripts.plot_training eval/train_log.csv docs/stress_run.png --title "guarded stress run"
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_log(path: str) -> dict[str, list]:
+    """The CSV's columns as lists (numbers as floats, the event column as text)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{path} has no iterations")
+    return {k: [r[k] if k == "event" else float(r[k]) for r in rows] for k in rows[0]}
+
+
+def plot(log: dict[str, list], out: str, title: str = "") -> None:
+    """Write the four-panel figure to ``out`` (PNG)."""
+    it = log["iteration"]
+    fig, axes = plt.subplots(4, 1, figsize=(9, 9), sharex=True)
+    axes[0].semilogy(it, log["loss"], label="loss", lw=0.8)
+    axes[0].semilogy(it, log["loss_cls"], label="classification", lw=0.6, alpha=0.7)
+    axes[0].semilogy(it, log["loss_reg"], label="box regression", lw=0.6, alpha=0.7)
+    axes[0].set_ylabel("loss")
+    axes[0].legend(loc="upper right", fontsize=8)
+    axes[1].semilogy(it, log["grad_norm"], lw=0.8, color="tab:purple")
+    axes[1].set_ylabel("grad norm\n(before clipping)")
+    axes[2].semilogy(it, log["lr"], color="tab:green")
+    axes[2].set_ylabel("learning rate")
+    events = [i for i, e in zip(it, log["event"]) if e]
+    rollbacks = [i for i, prev, cur in zip(it[1:], log["rollbacks"], log["rollbacks"][1:]) if cur > prev]
+    axes[3].step(it, log["skipped_steps"], where="post", label="skipped steps")
+    axes[3].step(it, log["rollbacks"], where="post", label="rollbacks")
+    for ax in axes:
+        for i in rollbacks:
+            ax.axvline(i, color="tab:red", lw=0.6, alpha=0.5)
+    axes[3].plot(events, [0] * len(events), "x", color="tab:red", label="events")
+    axes[3].set_ylabel("guard")
+    axes[3].set_xlabel("iteration")
+    axes[3].legend(loc="upper left", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("csv")
+    parser.add_argument("out")
+    parser.add_argument("--title", default="")
+    args = parser.parse_args()
+    plot(read_log(args.csv), args.out, args.title)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
