@@ -74,7 +74,7 @@ class NaNGuard:
       and multiplies the LR by ``lr_backoff``;
     - records every event (iteration, epoch, kind, loss parts, grad norm, LR, files) and quarantines an image
       file after ``quarantine_after`` events in which it took part: at once for non-finite voxels, otherwise
-      only if it failed in at least 3/4 of its iterations and twice as often as the iterations without it (so
+      only if, seen at least 4 times, it failed in at least 3/4 of its iterations and twice as often as the iterations without it (so
       an LR blow-up, which fails every file alike, quarantines none);
     - after ``max_rollbacks`` rollbacks, restores the snapshot, saves it to ``ckpt_path``, writes the report and
       terminates the engine; `raise_if_stopped` then exits non-zero with one message;
@@ -289,10 +289,10 @@ class NaNGuard:
             self.quarantine.add(f, reason, "guard")
 
     def _stands_out(self, stats: list[int]) -> bool:
-        """Whether a file fails in at least 3/4 of its iterations and twice as often as the iterations without it."""
+        """Whether a file seen 4+ times fails in 3/4 of its iterations and twice as often as the iterations without it."""
         events, seen = stats
         others = (self.counters["events"] - events) / max(self.iterations - seen, 1)
-        return 4 * events >= 3 * seen and events / seen >= 2 * others
+        return seen >= 4 and 4 * events >= 3 * seen and events / seen >= 2 * others
 
     def _rollback(self, engine: Engine, why: str) -> None:
         self.consecutive = 0
