@@ -33,12 +33,20 @@ def make_batches(n: int, patch: list[int], batch_size: int, seed: int = 0) -> li
             lo = [int(torch.randint(0, s - 10, (1,), generator=g)) for s in patch]
             image[:, lo[0] : lo[0] + 8, lo[1] : lo[1] + 8, lo[2] : lo[2] + 5] += 1.0
             box = torch.tensor([[lo[0], lo[1], lo[2], lo[0] + 8, lo[1] + 8, lo[2] + 5]], dtype=torch.float32)
-            crops.append({"image": MetaTensor(image, meta={"filename_or_obj": f"case_{i}.nii.gz"}), "box": box, "label": torch.tensor([0])})
+            crops.append(
+                {
+                    "image": MetaTensor(image, meta={"filename_or_obj": f"case_{i}.nii.gz"}),
+                    "box": box,
+                    "label": torch.tensor([0]),
+                }
+            )
         batches.append([crops])
     return batches
 
 
-def build(parser: ConfigParser, guarded: bool, state: dict | None) -> tuple[StabilisedDetectionTrainer, NaNGuard | None]:
+def build(
+    parser: ConfigParser, guarded: bool, state: dict | None
+) -> tuple[StabilisedDetectionTrainer, NaNGuard | None]:
     """A trainer over a fresh copy of the configured detector (same initial weights for both arms)."""
     parser.parse(reset=True)
     detector = parser.get_parsed_content("detector")

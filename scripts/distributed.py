@@ -6,8 +6,8 @@ import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import torch
 import ignite.distributed as idist
+import torch
 import torch.distributed as dist
 
 __all__ = ["init_process_group", "destroy_process_group", "local_device", "rank0_first", "is_rank0"]

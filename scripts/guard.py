@@ -73,9 +73,9 @@ class NaNGuard:
     - after ``patience`` consecutive events, or at once when the weights are non-finite, restores the snapshot
       and multiplies the LR by ``lr_backoff``;
     - records every event (iteration, epoch, kind, loss parts, grad norm, LR, files) and quarantines an image
-      file after ``quarantine_after`` events in which it took part: at once for non-finite voxels, otherwise
-      only if, seen at least 4 times, it failed in at least 3/4 of its iterations and twice as often as the iterations without it (so
-      an LR blow-up, which fails every file alike, quarantines none);
+      file after ``quarantine_after`` events in which it took part: at once for non-finite voxels, otherwise only
+      if, seen at least 4 times, it failed in at least 3/4 of its iterations and twice as often as the iterations
+      without it (so an LR blow-up, which fails every file alike, quarantines none);
     - after ``max_rollbacks`` rollbacks, restores the snapshot, saves it to ``ckpt_path``, writes the report and
       terminates the engine; `raise_if_stopped` then exits non-zero with one message;
     - under AMP, an fp16 overflow that the GradScaler absorbs is counted, not escalated, unless it repeats
@@ -256,7 +256,11 @@ class NaNGuard:
         for f in local_files:
             stats = self.file_stats.setdefault(f, [0, 1])
             stats[0] += 1
-            if self.quarantine_after and stats[0] >= self.quarantine_after and (kind == "input" or self._stands_out(stats)):
+            if (
+                self.quarantine_after
+                and stats[0] >= self.quarantine_after
+                and (kind == "input" or self._stands_out(stats))
+            ):
                 candidates.append((f, f"{stats[0]} non-finite events in {stats[1]} iterations (last: {kind})"))
         bad_files = local_files
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -289,7 +293,7 @@ class NaNGuard:
             self.quarantine.add(f, reason, "guard")
 
     def _stands_out(self, stats: list[int]) -> bool:
-        """Whether a file seen 4+ times fails in 3/4 of its iterations and twice as often as the iterations without it."""
+        """Whether a file seen 4+ times fails in 3/4 of its iterations and twice as often as iterations without it."""
         events, seen = stats
         others = (self.counters["events"] - events) / max(self.iterations - seen, 1)
         return seen >= 4 and 4 * events >= 3 * seen and events / seen >= 2 * others

@@ -86,7 +86,9 @@ class TrainingMonitor:
 
     def epoch_started(self, engine: Engine) -> None:
         if self.progress:
-            self.bar = tqdm(total=engine.state.epoch_length, desc=f"epoch {engine.state.epoch}/{engine.state.max_epochs}")
+            self.bar = tqdm(
+                total=engine.state.epoch_length, desc=f"epoch {engine.state.epoch}/{engine.state.max_epochs}"
+            )
 
     def _find_mlflow(self, engine: Engine) -> MLFlowHandler | None:
         for handler, _, _ in engine._event_handlers.get(Events.STARTED, []):
@@ -123,22 +125,32 @@ class TrainingMonitor:
             for key, value in scalars.items():
                 self.writer.add_scalar(f"train/{key}", value, step)
         if self._csv is not None:
-            self._csv.writerow([values[c] for c in COLUMNS] + [values["event"]] + [values[c] for c in GUARD_COUNTERS] + [values["lr_scale"]])
+            self._csv.writerow(
+                [values[c] for c in COLUMNS]
+                + [values["event"]]
+                + [values[c] for c in GUARD_COUNTERS]
+                + [values["lr_scale"]]
+            )
         if self._mlflow is None:
             self._mlflow = self._find_mlflow(engine) or False
         if self._mlflow and self._mlflow.cur_run:
             self._mlflow._log_metrics({f"train_{k}": v for k, v in scalars.items() if math.isfinite(v)}, step=step)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{values['loss']:.4g}", gnorm=f"{values['grad_norm']:.3g}", lr=f"{values['lr']:.3g}")
+            self.bar.set_postfix(
+                loss=f"{values['loss']:.4g}", gnorm=f"{values['grad_norm']:.3g}", lr=f"{values['lr']:.3g}"
+            )
             self.bar.update(1)
         if values["event"] or (self.log_every and step % self.log_every == 0):
             line = (
                 f"epoch {values['epoch']} it {step}: loss {values['loss']:.4g} (cls {values['loss_cls']:.4g}, "
-                f"reg {values['loss_reg']:.4g}) grad norm {values['grad_norm']:.4g} weight norm {values['weight_norm']:.4g} "
+                f"reg {values['loss_reg']:.4g}) grad norm {values['grad_norm']:.4g} "
+                f"weight norm {values['weight_norm']:.4g} "
                 f"lr {values['lr']:.3g} amp scale {values['amp_scale']:.3g} "
                 f"guard events {values['events']} skipped {values['skipped_steps']} rollbacks {values['rollbacks']}"
             )
-            (logger.warning if values["event"] else logger.info)(line + (f" [{values['event']}]" if values["event"] else ""))
+            (logger.warning if values["event"] else logger.info)(
+                line + (f" [{values['event']}]" if values["event"] else "")
+            )
 
     def epoch_completed(self, engine: Engine) -> None:
         if self.bar is not None:

@@ -110,7 +110,9 @@ class QuarantineSampler(DistributedSampler):
         seed: int = 0,
     ) -> None:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        num_replicas = num_replicas if num_replicas is not None else (torch.distributed.get_world_size() if distributed else 1)
+        num_replicas = (
+            num_replicas if num_replicas is not None else (torch.distributed.get_world_size() if distributed else 1)
+        )
         rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
         self.quarantine = quarantine

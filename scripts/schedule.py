@@ -36,7 +36,9 @@ def warmup_decay_scheduler(
         after: LRScheduler = StepLR(optimizer, step_size=max(int(step_iters), 1), gamma=gamma)
     elif decay == "cosine":
         base = optimizer.param_groups[0]["lr"]
-        after = CosineAnnealingLR(optimizer, T_max=max(int(total_iters) - warmup_iters, 1), eta_min=base * min_lr_factor)
+        after = CosineAnnealingLR(
+            optimizer, T_max=max(int(total_iters) - warmup_iters, 1), eta_min=base * min_lr_factor
+        )
     else:
         raise ValueError(f"lr_decay must be 'step' or 'cosine', got {decay!r}")
     if warmup_iters == 0:

@@ -25,6 +25,7 @@ __all__ = ["StabilisedDetectionTrainer", "detection_prepare_batch", "EVENT_KINDS
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
+
 # kinds of non-finite events, in the order of the fused flag vector
 EVENT_KINDS = ("input", "logits", "loss", "grad")
 
@@ -153,7 +154,9 @@ class StabilisedDetectionTrainer(Trainer):
 
     def _forward_loss(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor] | None:
         """Detector losses under autocast, or ``None`` when a head raised its ``NaN or Inf`` ValueError."""
-        autocast = torch.autocast(self.state.device.type, dtype=self.amp_dtype) if self.amp else contextlib.nullcontext()
+        autocast = (
+            torch.autocast(self.state.device.type, dtype=self.amp_dtype) if self.amp else contextlib.nullcontext()
+        )
         try:
             with autocast:
                 return self.detector(images, targets)

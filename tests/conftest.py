@@ -41,13 +41,19 @@ def tiny_detector(norm: str | tuple = "batch", roi_size=(32, 32, 16)) -> RetinaN
         backbone, {"layer1": "0", "layer2": "1"}, [8, 16], 8, spatial_dims=3, extra_blocks=LastLevelMaxPool(3)
     )
     network = RetinaNet(3, 1, 3, extractor, size_divisible=[16, 16, 8])
-    anchors = AnchorGeneratorWithAnchorShape(feature_map_scales=[1, 2, 4], base_anchor_shapes=[[6, 8, 4], [8, 6, 5], [10, 10, 6]])
+    anchors = AnchorGeneratorWithAnchorShape(
+        feature_map_scales=[1, 2, 4], base_anchor_shapes=[[6, 8, 4], [8, 6, 5], [10, 10, 6]]
+    )
     detector = RetinaNetDetector(network, anchors)
     detector.set_atss_matcher(num_candidates=4, center_in_gt=False)
     detector.set_hard_negative_sampler(batch_size_per_image=64, positive_fraction=0.3, pool_size=20, min_neg=16)
     detector.set_target_keys(box_key="box", label_key="label")
-    detector.set_box_selector_parameters(score_thresh=0.02, topk_candidates_per_level=100, nms_thresh=0.22, detections_per_img=10)
-    detector.set_sliding_window_inferer(roi_size=list(roi_size), overlap=0.25, sw_batch_size=1, mode="constant", device="cpu")
+    detector.set_box_selector_parameters(
+        score_thresh=0.02, topk_candidates_per_level=100, nms_thresh=0.22, detections_per_img=10
+    )
+    detector.set_sliding_window_inferer(
+        roi_size=list(roi_size), overlap=0.25, sw_batch_size=1, mode="constant", device="cpu"
+    )
     return detector
 
 

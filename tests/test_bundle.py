@@ -113,7 +113,9 @@ def test_training_run_writes_checkpoints_and_reports(tmp_path):
     report = json.load(open(evals / "guard_report.json"))
     assert report["status"] == "completed" and report["counters"]["events"] == 0
     rows = open(evals / "train_log.csv").read().splitlines()
-    assert rows[0].startswith("iteration,epoch,loss,loss_cls,loss_reg,grad_norm,weight_norm,lr") and len(rows) == 1 + 4  # 4 images, one per iteration
+    assert (
+        rows[0].startswith("iteration,epoch,loss,loss_cls,loss_reg,grad_norm,weight_norm,lr") and len(rows) == 1 + 4
+    )  # 4 images, one per iteration
     assert json.load(open(evals / "data_check.json"))["errors"] == 0
 
 
@@ -163,7 +165,9 @@ def test_poisoned_data_is_named_by_check_data_and_excluded_from_training(tmp_pat
     log = failed.stdout + failed.stderr
     assert os.path.basename(items[0]["image"]) in log and os.path.basename(items[1]["image"]) in log
     bundle("training", tmp_path, TINY, dataset_dir=str(data))
-    quarantined = {os.path.basename(q["image"]) for q in json.load(open(tmp_path / "eval" / "quarantine.json"))["quarantined"]}
+    quarantined = {
+        os.path.basename(q["image"]) for q in json.load(open(tmp_path / "eval" / "quarantine.json"))["quarantined"]
+    }
     assert quarantined == {os.path.basename(items[0]["image"]), os.path.basename(items[1]["image"])}
     strict = bundle("training", tmp_path / "strict", TINY, check=False, dataset_dir=str(data), data_check="strict")
     assert strict.returncode != 0 and not (tmp_path / "strict" / "models").exists()

@@ -76,8 +76,17 @@ def test_clean_run_steps_and_reports(tmp_path):
     trainer, guard = make_trainer(tmp_path, epochs=2)
     before = state_of(trainer)
     trainer.run()
-    assert guard.counters == {"events": 0, "skipped_steps": 0, "rollbacks": 0, "amp_overflows": 0, "weights_nonfinite": 0}
-    assert not torch.equal(before["network"]["classification_head.cls_logits.weight"], trainer.network.classification_head.cls_logits.weight)
+    assert guard.counters == {
+        "events": 0,
+        "skipped_steps": 0,
+        "rollbacks": 0,
+        "amp_overflows": 0,
+        "weights_nonfinite": 0,
+    }
+    assert not torch.equal(
+        before["network"]["classification_head.cls_logits.weight"],
+        trainer.network.classification_head.cls_logits.weight,
+    )
     out = trainer.state.output
     assert out["event"] is None and math.isfinite(out["loss"]) and out["grad_norm"] > 0
     assert out["loss"] == pytest.approx(out["loss_cls"] + out["loss_reg"], rel=1e-5)
