@@ -73,7 +73,7 @@ def step(trainer: StabilisedDetectionTrainer, guard: NaNGuard | None, batch: lis
     start = time.perf_counter()
     trainer.state.iteration += 1
     if guard is not None:
-        guard._ensure_snapshot(trainer)
+        guard.iteration_started(trainer)
     trainer.state.output = trainer._iteration(trainer, batch)
     if guard is not None:
         guard.iteration_completed(trainer)

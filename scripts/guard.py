@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections import deque
 from typing import Any
 
 import torch
@@ -57,8 +57,9 @@ def scale_lr(optimizer: torch.optim.Optimizer, lr_scheduler: Any, factor: float)
             sched._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
-def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether every tensor is finite (one host sync)."""
+def _weights_finite(network: torch.nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer of ``network`` is finite (one host sync)."""
+    tensors = [*network.parameters(), *network.buffers()]
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors if t.is_floating_point()]).all())
 
 
@@ -141,7 +142,7 @@ class NaNGuard:
         self.snapshot: dict[str, Any] | None = None
         self.stop_message: str | None = None
         self._window: list[float] = []
-        self._recent: list[float] = []  # the last ``snapshot_every`` losses of stepped iterations
+        self._recent: deque[float] = deque(maxlen=snapshot_every)  # losses of the last stepped iterations
         self._window_clean = True
         self.reset()
 
@@ -166,7 +167,7 @@ class NaNGuard:
         rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         self.write_files = rank0 or torch.distributed.get_rank() == 0
         self.quarantine.save_enabled = self.quarantine.save_enabled and self.write_files
-        engine.add_event_handler(Events.ITERATION_STARTED, self._ensure_snapshot)
+        engine.add_event_handler(Events.ITERATION_STARTED, self.iteration_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
         engine.add_event_handler(Events.COMPLETED, self.completed)
         engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
@@ -197,7 +198,8 @@ class NaNGuard:
         if self.lr_scheduler is not None and self.snapshot["lr_scheduler"] is not None:
             self.lr_scheduler.load_state_dict(copy.deepcopy(self.snapshot["lr_scheduler"]))
 
-    def _ensure_snapshot(self, engine: Engine) -> None:
+    def iteration_started(self, engine: Engine) -> None:
+        """Take the first snapshot, and give the trainer this iteration's loss-spike limit."""
         if self.snapshot is None:
             self.take_snapshot(engine)
         # a loss spike (``max_loss_growth`` times the median of the recent healthy losses, at least 1) is refused
@@ -212,7 +214,7 @@ class NaNGuard:
         healthy = self._window_clean and math.isfinite(mean)
         if healthy and self.snapshot_loss is not None:
             healthy = mean <= self.max_loss_growth * max(self.snapshot_loss, 1e-8)
-        if healthy and _all_finite(list(self.network.parameters()) + list(self.network.buffers())):
+        if healthy and _weights_finite(self.network):
             self.take_snapshot(engine)
             self.snapshot_loss = mean
         self._window, self._window_clean = [], True
@@ -229,7 +231,7 @@ class NaNGuard:
         if event is None:
             self.consecutive = 0
             self.consecutive_amp = 0
-            self._recent = [*self._recent[1 - self.snapshot_every :], out["loss"]]
+            self._recent.append(out["loss"])
             self._maybe_refresh_snapshot(engine, out["loss"])
             return
         self.counters["skipped_steps"] += 1
@@ -241,7 +243,7 @@ class NaNGuard:
                 return
         self.counters["events"] += 1
         self.consecutive += 1
-        weights_ok = _all_finite(list(self.network.parameters()) + list(self.network.buffers()))
+        weights_ok = _weights_finite(self.network)
         kind = event if weights_ok else "weights"
         self._record(engine, kind, out)
         if not weights_ok:
@@ -305,7 +307,7 @@ class NaNGuard:
             self._stop(engine, why)
             return
         self.restore_snapshot()
-        self._recent = []
+        self._recent.clear()
         self.lr_scale *= self.lr_backoff
         # the snapshot holds the LR of its time: bring it to the new cumulative scale
         scale_lr(self.optimizer, self.lr_scheduler, self.lr_scale / self.snapshot_lr_scale)
