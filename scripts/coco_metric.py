@@ -12,6 +12,8 @@ from monai.apps.detection.metrics.coco import COCOMetric
 from monai.apps.detection.metrics.matching import matching_batch
 from monai.data.box_utils import box_iou
 
+from scripts.distributed import gather_lists
+
 __all__ = ["CocoDetectionMetric", "coco_results"]
 
 
@@ -80,12 +82,7 @@ class CocoDetectionMetric(Metric):
         self._targets += [{k: _numpy(t[k]) for k in keys} for t in targets]
 
     def compute(self) -> float:
-        preds, targets = self._preds, self._targets
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, (preds, targets))
-            preds = [p for g in gathered for p in g[0]]
-            targets = [t for g in gathered for t in g[1]]
+        preds, targets = gather_lists(self._preds, self._targets)
         values = coco_results(self.coco, preds, targets, self.box_key, self.label_key, self.score_key)
         self.results = values
         matches = [v for k, v in values.items() if k.endswith(self.key)]

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from scripts.distributed import is_rank0
 from scripts.quarantine import Quarantine, image_path
 
 __all__ = ["DataReport", "check_datalist", "default_loader", "load_datalist", "run_check_data", "screen_datalists"]
@@ -96,11 +97,6 @@ def _is_int(x: Any) -> bool:
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
-
-
-def _is_rank0() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class DataReport:
@@ -522,7 +518,7 @@ def check_datalist(
 
 def _write_report(report: DataReport, output_dir: str) -> str:
     path = os.path.join(os.path.abspath(str(output_dir)), REPORT_NAME)
-    if _is_rank0():
+    if is_rank0():
         report.to_json(path)
     return path
 
@@ -544,7 +540,7 @@ def run_check_data(
         data_list_file_path, dataset_dir, loader, patch_size, num_classes, kwargs: as `check_datalist`.
         output_dir: folder of the JSON report.
     """
-    rank0 = _is_rank0()
+    rank0 = is_rank0()
     kwargs.setdefault("progress", rank0)
     report = check_datalist(data_list_file_path, dataset_dir, loader, patch_size, num_classes, **kwargs)
     path = _write_report(report, output_dir)
@@ -590,7 +586,7 @@ def screen_datalists(
     if policy not in POLICIES:
         raise ValueError(f"data_check must be one of {POLICIES}, got {policy!r}")
     sections = tuple(kwargs.pop("sections", ("training", "validation")))
-    rank0 = _is_rank0()
+    rank0 = is_rank0()
     try:
         datalist = load_datalist(data_list_file_path)
     except DatalistError as e:

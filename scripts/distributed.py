@@ -10,7 +10,15 @@ import ignite.distributed as idist
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_process_group", "destroy_process_group", "local_device", "rank0_first", "is_rank0"]
+__all__ = [
+    "init_process_group",
+    "destroy_process_group",
+    "local_device",
+    "is_distributed",
+    "is_rank0",
+    "rank0_first",
+    "gather_lists",
+]
 
 T = TypeVar("T")
 
@@ -24,7 +32,7 @@ def local_device() -> torch.device:
 
 def init_process_group(backend: str | None = None) -> None:
     """Join the torchrun process group (``nccl`` on CUDA, ``gloo`` on CPU) unless already joined."""
-    if dist.is_initialized():
+    if is_distributed():
         return
     if "RANK" not in os.environ:
         raise RuntimeError(
@@ -41,22 +49,39 @@ def init_process_group(backend: str | None = None) -> None:
 
 def destroy_process_group() -> None:
     """Leave the process group after a barrier, so no rank exits while another still needs it."""
-    if dist.is_initialized():
+    if is_distributed():
         dist.barrier()
         dist.destroy_process_group()
 
 
+def is_distributed() -> bool:
+    """Whether this process is one rank of an initialised process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def is_rank0() -> bool:
     """Whether this process writes files (rank 0, or not distributed)."""
-    return not dist.is_initialized() or dist.get_rank() == 0
+    return not is_distributed() or dist.get_rank() == 0
 
 
 def rank0_first(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run ``fn`` on rank 0, then on the other ranks (which then find what rank 0 made, e.g. the phantom data)."""
     if is_rank0():
         result = fn(*args, **kwargs)
-    if dist.is_initialized():
+    if is_distributed():
         dist.barrier()
     if not is_rank0():
         result = fn(*args, **kwargs)
     return result
+
+
+def gather_lists(*lists: list) -> tuple[list, ...]:
+    """Each list concatenated over the ranks in rank order (the lists as they are when not distributed).
+
+    A collective: every rank must call it at the same point.
+    """
+    if not is_distributed():
+        return lists
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, lists)
+    return tuple([x for g in gathered for x in g[i]] for i in range(len(lists)))

@@ -15,6 +15,7 @@ from ignite.engine import Engine, Events
 from monai.apps.detection.metrics.coco import COCOMetric
 
 from scripts.coco_metric import coco_results
+from scripts.distributed import gather_lists, is_rank0
 from scripts.froc import LUNA16_FP_RATES, froc
 
 __all__ = ["EvaluationReport", "evaluation_metrics", "save_froc_figure"]
@@ -145,24 +146,16 @@ class EvaluationReport:
         self._preds += [{k: _numpy(p[k]) for k in _KEYS} for p in preds]
         self._targets += [{k: _numpy(t[k]) for k in _KEYS[:2]} for t in targets]
 
-    def _gathered(self) -> tuple[list[dict], list[dict]]:
-        """The records of all ranks (of this process only without DDP)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return self._preds, self._targets
-        gathered: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, (self._preds, self._targets))
-        return [p for g in gathered for p in g[0]], [t for g in gathered for t in g[1]]
-
     def report(self, engine: Engine | None = None) -> dict[str, Any]:
         """Compute the metrics, write the files (rank 0) and return the metrics."""
-        preds, targets = self._gathered()
+        preds, targets = gather_lists(self._preds, self._targets)
         self.metrics = {
             **evaluation_metrics(
                 preds, targets, self.coco_metric, self.fp_rates, self.iou_threshold, self.max_detections
             ),
             **self.extra,
         }
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+        if not is_rank0():
             return self.metrics
         os.makedirs(self.output_dir, exist_ok=True)
         json_path = os.path.join(self.output_dir, f"{self.prefix}.json")

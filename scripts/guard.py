@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
+from scripts.distributed import gather_lists, is_rank0
 from scripts.quarantine import Quarantine
 
 __all__ = ["NaNGuard", "scale_lr", "GuardStopped"]
@@ -164,8 +165,7 @@ class NaNGuard:
         """Register the guard with the trainer (nothing when disabled)."""
         if not self.enabled:
             return
-        rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-        self.write_files = rank0 or torch.distributed.get_rank() == 0
+        self.write_files = is_rank0()
         self.quarantine.save_enabled = self.quarantine.save_enabled and self.write_files
         engine.add_event_handler(Events.ITERATION_STARTED, self.iteration_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
@@ -264,13 +264,9 @@ class NaNGuard:
                 and (kind == "input" or self._stands_out(stats))
             ):
                 candidates.append((f, f"{stats[0]} non-finite events in {stats[1]} iterations (last: {kind})"))
-        bad_files = local_files
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # every rank records the same event: merge the files and the quarantine decisions of all ranks
-            gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, (local_files, candidates))
-            bad_files = sorted({f for files, _ in gathered for f in files})
-            candidates = [c for _, cands in gathered for c in cands]
+        # every rank records the same event: merge the files and the quarantine decisions of all ranks
+        bad_files, candidates = gather_lists(local_files, candidates)
+        bad_files = sorted(set(bad_files))
         entry = {
             "iteration": engine.state.iteration,
             "epoch": engine.state.epoch,

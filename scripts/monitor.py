@@ -19,6 +19,8 @@ from monai.handlers import MLFlowHandler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from scripts.distributed import is_rank0
+
 __all__ = ["TrainingMonitor", "weight_norm"]
 
 logger = logging.getLogger(__name__)
@@ -63,7 +65,7 @@ class TrainingMonitor:
 
     def attach(self, engine: Engine) -> None:
         """Register with the trainer (nothing is written on DDP ranks other than 0)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+        if not is_rank0():
             return
         engine.add_event_handler(Events.STARTED, self.started)
         engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)

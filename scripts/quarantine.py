@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
+from scripts.distributed import is_distributed
+
 __all__ = ["Quarantine", "QuarantineSampler", "image_path"]
 
 logger = logging.getLogger(__name__)
@@ -109,7 +111,7 @@ class QuarantineSampler(DistributedSampler):
         shuffle: bool = True,
         seed: int = 0,
     ) -> None:
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        distributed = is_distributed()
         num_replicas = (
             num_replicas if num_replicas is not None else (torch.distributed.get_world_size() if distributed else 1)
         )

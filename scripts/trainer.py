@@ -19,11 +19,9 @@ from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 from torch.utils.data import DataLoader
 
+from scripts.distributed import is_distributed
+
 __all__ = ["StabilisedDetectionTrainer", "detection_prepare_batch", "EVENT_KINDS"]
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 # kinds of non-finite events, in the order of the fused flag vector
@@ -243,7 +241,7 @@ class StabilisedDetectionTrainer(Trainer):
 
     def _broadcast_state(self) -> None:
         """Start every DDP rank from rank 0's parameters and buffers (as `DistributedDataParallel` does)."""
-        self.world_size = torch.distributed.get_world_size() if _distributed() else 1
+        self.world_size = torch.distributed.get_world_size() if is_distributed() else 1
         if self.world_size > 1:
             with torch.no_grad():
                 for t in [*self.network.parameters(), *self.buffers]:
