@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
-import torch
 from ignite.metrics import Metric
 from monai.apps.detection.metrics.coco import COCOMetric
 from monai.apps.detection.metrics.matching import matching_batch
 from monai.data.box_utils import box_iou
+from monai.utils import convert_to_numpy
 
 from scripts.distributed import gather_lists
 
 __all__ = ["CocoDetectionMetric", "coco_results"]
-
-
-def _numpy(x: Any) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def coco_results(
@@ -34,11 +29,11 @@ def coco_results(
     results = matching_batch(
         iou_fn=box_iou,
         iou_thresholds=coco.iou_thresholds,
-        pred_boxes=[_numpy(p[box_key]) for p in preds],
-        pred_classes=[_numpy(p[label_key]) for p in preds],
-        pred_scores=[_numpy(p[score_key]) for p in preds],
-        gt_boxes=[_numpy(t[box_key]) for t in targets],
-        gt_classes=[_numpy(t[label_key]) for t in targets],
+        pred_boxes=[convert_to_numpy(p[box_key], wrap_sequence=True) for p in preds],
+        pred_classes=[convert_to_numpy(p[label_key], wrap_sequence=True) for p in preds],
+        pred_scores=[convert_to_numpy(p[score_key], wrap_sequence=True) for p in preds],
+        gt_boxes=[convert_to_numpy(t[box_key], wrap_sequence=True) for t in targets],
+        gt_classes=[convert_to_numpy(t[label_key], wrap_sequence=True) for t in targets],
         max_detections=max_detections,
     )
     return {k: float(v) for k, v in coco(results)[0].items()}
@@ -78,8 +73,8 @@ class CocoDetectionMetric(Metric):
     def update(self, output: tuple[Sequence[dict], Sequence[dict]]) -> None:
         preds, targets = output
         keys = (self.box_key, self.label_key)
-        self._preds += [{k: _numpy(p[k]) for k in (*keys, self.score_key)} for p in preds]
-        self._targets += [{k: _numpy(t[k]) for k in keys} for t in targets]
+        self._preds += [{k: convert_to_numpy(p[k], wrap_sequence=True) for k in (*keys, self.score_key)} for p in preds]
+        self._targets += [{k: convert_to_numpy(t[k], wrap_sequence=True) for k in keys} for t in targets]
 
     def compute(self) -> float:
         preds, targets = gather_lists(self._preds, self._targets)

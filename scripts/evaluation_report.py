@@ -10,9 +10,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from ignite.engine import Engine, Events
 from monai.apps.detection.metrics.coco import COCOMetric
+from monai.utils import convert_to_numpy
 
 from scripts.coco_metric import coco_results
 from scripts.distributed import gather_lists, is_rank0
@@ -23,11 +23,6 @@ __all__ = ["EvaluationReport", "evaluation_metrics", "save_froc_figure"]
 logger = logging.getLogger(__name__)
 
 _KEYS = ("box", "label", "label_scores")
-
-
-def _numpy(x: Any) -> np.ndarray:
-    """A tensor or array-like as a numpy array."""
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def evaluation_metrics(
@@ -143,8 +138,8 @@ class EvaluationReport:
         preds, targets = self.output_transform(engine.state.output)
         if targets is None:
             raise ValueError("EvaluationReport needs targets: the datalist items must have 'box' and 'label'")
-        self._preds += [{k: _numpy(p[k]) for k in _KEYS} for p in preds]
-        self._targets += [{k: _numpy(t[k]) for k in _KEYS[:2]} for t in targets]
+        self._preds += [{k: convert_to_numpy(p[k], wrap_sequence=True) for k in _KEYS} for p in preds]
+        self._targets += [{k: convert_to_numpy(t[k], wrap_sequence=True) for k in _KEYS[:2]} for t in targets]
 
     def report(self, engine: Engine | None = None) -> dict[str, Any]:
         """Compute the metrics, write the files (rank 0) and return the metrics."""

@@ -23,20 +23,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from monai.data.box_utils import box_iou
 from monai.metrics.froc import compute_froc_curve_data, compute_froc_score
+from monai.utils import convert_to_numpy
 
 __all__ = ["LUNA16_FP_RATES", "froc", "image_fp_tp_probs"]
 
 LUNA16_FP_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-
-
-def _numpy(x: Any, dtype: Any = np.float64) -> np.ndarray:
-    """``x`` (tensor, array or list) as a numpy array of ``dtype``."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=dtype)
 
 
 def image_fp_tp_probs(
@@ -52,11 +45,11 @@ def image_fp_tp_probs(
 
     Boxes are ``xyzxyz`` (or any one mode shared by both sides that `box_iou` accepts) in one coordinate frame.
     """
-    pred = _numpy(pred_boxes).reshape(-1, 6)
-    scores = _numpy(pred_scores).reshape(-1)
-    plabels = _numpy(pred_labels, np.int64).reshape(-1)
-    gt = _numpy(gt_boxes).reshape(-1, 6)
-    glabels = _numpy(gt_labels, np.int64).reshape(-1)
+    pred = convert_to_numpy(pred_boxes, dtype=np.float64, wrap_sequence=True).reshape(-1, 6)
+    scores = convert_to_numpy(pred_scores, dtype=np.float64, wrap_sequence=True).reshape(-1)
+    plabels = convert_to_numpy(pred_labels, dtype=np.int64, wrap_sequence=True).reshape(-1)
+    gt = convert_to_numpy(gt_boxes, dtype=np.float64, wrap_sequence=True).reshape(-1, 6)
+    glabels = convert_to_numpy(gt_labels, dtype=np.int64, wrap_sequence=True).reshape(-1)
     if len(gt) == 0 or len(pred) == 0:
         return scores.copy(), np.zeros(len(gt))
     hit = (np.asarray(box_iou(pred, gt)) >= iou_threshold) & (plabels[:, None] == glabels[None, :])
