@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from scripts.distributed import is_rank0
+from scripts.json_io import write_json
 from scripts.quarantine import Quarantine, image_path
 
 __all__ = ["DataReport", "check_datalist", "default_loader", "load_datalist", "run_check_data", "screen_datalists"]
@@ -201,12 +202,7 @@ class DataReport:
 
     def to_json(self, path: str) -> None:
         """Write the report to ``path`` atomically."""
-        path = os.path.abspath(str(path))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, default=str)
-        os.replace(tmp, path)
+        write_json(str(path), self.to_dict(), indent=2, default=str)
 
 
 def _exception_chain(e: BaseException) -> Iterator[BaseException]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -17,6 +16,7 @@ from monai.utils import convert_to_numpy
 from scripts.coco_metric import coco_results
 from scripts.distributed import gather_lists, is_rank0
 from scripts.froc import LUNA16_FP_RATES, froc
+from scripts.json_io import write_json
 
 __all__ = ["EvaluationReport", "evaluation_metrics", "save_froc_figure"]
 
@@ -153,10 +153,7 @@ class EvaluationReport:
         if not is_rank0():
             return self.metrics
         os.makedirs(self.output_dir, exist_ok=True)
-        json_path = os.path.join(self.output_dir, f"{self.prefix}.json")
-        with open(json_path, "w") as f:
-            json.dump(self.metrics, f, indent=4)
-            f.write("\n")
+        write_json(os.path.join(self.output_dir, f"{self.prefix}.json"), self.metrics)
         with open(os.path.join(self.output_dir, f"{self.prefix}.csv"), "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["metric", "value"])

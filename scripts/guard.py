@@ -8,7 +8,6 @@ MONAI, ignite or torch restores a last good state and carries on, hence this han
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -20,6 +19,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from scripts.distributed import gather_lists, is_rank0
+from scripts.json_io import write_json
 from scripts.quarantine import Quarantine
 
 __all__ = ["NaNGuard", "scale_lr", "GuardStopped"]
@@ -370,11 +370,7 @@ class NaNGuard:
         """Write `report` to ``report_path`` (rank 0 only)."""
         if not (self.report_path and self.write_files):
             return
-        os.makedirs(os.path.dirname(os.path.abspath(self.report_path)), exist_ok=True)
-        tmp = f"{self.report_path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.report(), f, indent=4, default=str)
-        os.replace(tmp, self.report_path)
+        write_json(self.report_path, self.report(), default=str)
 
     def state_dict(self) -> dict[str, Any]:
         return {

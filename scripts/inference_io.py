@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
+from scripts.json_io import write_json
+
 __all__ = ["DetectionWriter", "image_name", "list_inputs", "load_network"]
 
 logger = logging.getLogger(__name__)
@@ -126,10 +128,7 @@ class DetectionWriter:
 
     def write(self, engine: Engine | None = None) -> str:
         """Write the result file; returns its path."""
-        os.makedirs(self.output_dir, exist_ok=True)
         path = os.path.join(self.output_dir, self.filename)
-        with open(path, "w") as f:
-            json.dump({self.data_list_key: self.results}, f, indent=4)
-            f.write("\n")
+        write_json(path, {self.data_list_key: self.results})
         logger.info(f"wrote the detections of {len(self.results)} images to {path}")
         return path

@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +30,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 from tqdm import tqdm
+
+from scripts.json_io import write_json
 
 __all__ = ["DEFAULT_SHAPE", "DEFAULT_SPACING", "generate_case", "generate_dataset", "ensure_dataset"]
 
@@ -307,17 +308,6 @@ def generate_case(
     return np.clip(np.rint(vol), -1024, 3071).astype(np.int16), affine, out
 
 
-def _atomic_write_json(path: str, payload: Any) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def _save_nifti(path: str, volume: np.ndarray, affine: np.ndarray) -> None:
     img = nib.Nifti1Image(volume, affine)
     img.header.set_data_dtype(np.int16)
@@ -378,9 +368,9 @@ def generate_dataset(
                 for n in nodules
             ],
         }
-    _atomic_write_json(os.path.join(out_dir, TRUTH_NAME), truth)
+    write_json(os.path.join(out_dir, TRUTH_NAME), truth, indent=2)
     datalist_path = os.path.join(out_dir, datalist_name)
-    _atomic_write_json(datalist_path, datalist)
+    write_json(datalist_path, datalist, indent=2)
     return datalist_path
 
 

@@ -7,7 +7,6 @@ items while a run is going, hence `QuarantineSampler`.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -18,6 +17,7 @@ import torch
 from torch.utils.data.distributed import DistributedSampler
 
 from scripts.distributed import is_distributed
+from scripts.json_io import write_json
 
 __all__ = ["Quarantine", "QuarantineSampler", "image_path"]
 
@@ -72,11 +72,7 @@ class Quarantine:
         """Write the list to ``path`` atomically."""
         if not (self.path and self.save_enabled):
             return
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"quarantined": [{"image": k, **v} for k, v in self.entries.items()]}, f, indent=4)
-        os.replace(tmp, self.path)
+        write_json(self.path, {"quarantined": [{"image": k, **v} for k, v in self.entries.items()]})
 
     def state_dict(self) -> dict[str, Any]:
         return {"entries": dict(self.entries)}
