@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -15,13 +16,13 @@ __all__ = ["CONFIGS", "REPO", "TINY", "config", "bundle_paths", "make_phantoms",
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
 
-# a one-block-per-stage ResNet with an 8-channel FPN: the bundle's network structure, small enough for a CPU test
+# the one-block-per-stage ResNet with an 8-channel FPN of tests/data/tiny.json: the bundle's network structure,
+# small enough for a CPU test
+with open(os.path.join(REPO, "tests", "data", "tiny.json")) as _f:
+    _TINY_CONFIG = json.load(_f)
 TINY: dict[str, Any] = {
-    "backbone": "$monai.networks.nets.resnet.ResNet(block='basic', layers=[1, 1, 1, 1], block_inplanes=[8, 16, 32, 64],"
-    " spatial_dims=3, n_input_channels=1, conv1_t_stride=[2, 2, 1], conv1_t_size=[7, 7, 7], norm=@backbone_norm)",
-    "feature_extractor": "$monai.networks.blocks.backbone_fpn_utils.BackboneWithFPN(@backbone,"
-    " {'layer1': '0', 'layer2': '1'}, [8, 16], 8, spatial_dims=3,"
-    " extra_blocks=monai.networks.blocks.feature_pyramid_network.LastLevelMaxPool(3))",
+    "backbone": _TINY_CONFIG["backbone"],
+    "feature_extractor": _TINY_CONFIG["feature_extractor"],
     "val_patch_size": [64, 64, 32],
     "patch_size": [64, 64, 32],
     "num_workers": 0,

@@ -19,7 +19,7 @@ from monai.utils import optional_import
 
 from scripts.phantoms import generate_dataset
 
-TINY = "tests/data/tiny.json"
+TINY_CONFIG = "tests/data/tiny.json"
 ZOO_IDS = [
     "bundle_root", "ckpt_dir", "output_dir", "dataset_dir", "data_list_file_path", "epochs", "val_interval",
     "learning_rate", "batch_size", "patch_size", "val_patch_size", "amp", "device", "network_def", "detector",
@@ -93,7 +93,7 @@ def test_transform_chain_maps_datalist_boxes_onto_the_phantom_voxels(tmp_path):
     datalist = generate_dataset(str(tmp_path), num_train=2, num_val=1, shape=(64, 64, 32), progress=False)
     truth = json.load(open(tmp_path / "phantom_truth.json"))
     parser = ConfigParser()
-    parser.read_config([os.path.join(REPO, "configs", "train.json"), os.path.join(REPO, TINY)])
+    parser.read_config([os.path.join(REPO, "configs", "train.json"), os.path.join(REPO, TINY_CONFIG)])
     parser.update({"dataset_dir": str(tmp_path), "data_list_file_path": datalist, "output_dir": str(tmp_path / "eval")})
     preprocessing = parser.get_parsed_content("validate#preprocessing")
     for item in parser.get_parsed_content("datalists")["training"]:
@@ -105,10 +105,10 @@ def test_transform_chain_maps_datalist_boxes_onto_the_phantom_voxels(tmp_path):
 
 
 def test_training_run_writes_checkpoints_and_reports(tmp_path):
-    bundle("run", tmp_path, TINY)
+    bundle("run", tmp_path, TINY_CONFIG)
     models, evals = tmp_path / "models", tmp_path / "eval"
     assert {"model.pt", "checkpoint_final.pt", "train_checkpoint_epoch=1.pt"} <= set(os.listdir(models))
-    network = parse("train.json", **json.load(open(os.path.join(REPO, TINY)))).get_parsed_content("network_def")
+    network = parse("train.json", **json.load(open(os.path.join(REPO, TINY_CONFIG)))).get_parsed_content("network_def")
     network.load_state_dict(torch.load(models / "model.pt"), strict=True)
     report = json.load(open(evals / "guard_report.json"))
     assert report["status"] == "completed" and report["counters"]["events"] == 0
@@ -120,7 +120,7 @@ def test_training_run_writes_checkpoints_and_reports(tmp_path):
 
 
 def test_volumes_smaller_than_the_patch_are_padded(tmp_path):
-    bundle("training", tmp_path, TINY, patch_size=[96, 96, 48])
+    bundle("training", tmp_path, TINY_CONFIG, patch_size=[96, 96, 48])
     assert (tmp_path / "models" / "checkpoint_final.pt").exists()
 
 
@@ -160,14 +160,16 @@ def test_poisoned_data_is_named_by_check_data_and_excluded_from_training(tmp_pat
     arr = np.asarray(img.dataobj).astype(np.float32)
     arr[10, 10, 10] = np.nan
     nib.save(nib.Nifti1Image(arr, img.affine), data / items[1]["image"])
-    failed = bundle("check_data", tmp_path, TINY, check=False, dataset_dir=str(data))
+    failed = bundle("check_data", tmp_path, TINY_CONFIG, check=False, dataset_dir=str(data))
     assert failed.returncode != 0
     log = failed.stdout + failed.stderr
     assert os.path.basename(items[0]["image"]) in log and os.path.basename(items[1]["image"]) in log
-    bundle("training", tmp_path, TINY, dataset_dir=str(data))
+    bundle("training", tmp_path, TINY_CONFIG, dataset_dir=str(data))
     quarantined = {
         os.path.basename(q["image"]) for q in json.load(open(tmp_path / "eval" / "quarantine.json"))["quarantined"]
     }
     assert quarantined == {os.path.basename(items[0]["image"]), os.path.basename(items[1]["image"])}
-    strict = bundle("training", tmp_path / "strict", TINY, check=False, dataset_dir=str(data), data_check="strict")
+    strict = bundle(
+        "training", tmp_path / "strict", TINY_CONFIG, check=False, dataset_dir=str(data), data_check="strict"
+    )
     assert strict.returncode != 0 and not (tmp_path / "strict" / "models").exists()
