@@ -31,8 +31,7 @@ GUARD_COUNTERS = ("events", "skipped_steps", "rollbacks", "amp_overflows")
 
 def weight_norm(network: torch.nn.Module) -> float:
     """Global L2 norm of the network's parameters (one host sync)."""
-    norms = torch._foreach_norm([p.detach() for p in network.parameters()])
-    return float(torch.linalg.vector_norm(torch.stack(norms)))
+    return float(torch.nn.utils.get_total_norm([p.detach() for p in network.parameters()]))
 
 
 class TrainingMonitor:
