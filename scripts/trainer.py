@@ -178,7 +178,9 @@ class StabilisedDetectionTrainer(Trainer):
         if losses is None:
             loss_cls = loss_reg = loss = nan
         else:
-            loss_cls, loss_reg = losses[engine.detector.cls_key], losses[engine.detector.box_reg_key]
+            # MONAI returns the box loss of a batch without box samples as a CPU tensor: bring both to the device
+            keys = (engine.detector.cls_key, engine.detector.box_reg_key)
+            loss_cls, loss_reg = (losses[k].to(nan.device) for k in keys)
             loss = engine.w_cls * loss_cls + engine.w_reg * loss_reg
             engine.state.output[Keys.LOSS] = loss
             engine.fire_event(IterationEvents.LOSS_COMPLETED)

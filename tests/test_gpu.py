@@ -1,0 +1,147 @@
+"""GPU-only behaviour of the stabilised step: AMP fp16 with a GradScaler. Skipped without CUDA (CI has none)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import tiny_detector, tiny_loader, tiny_sample
+from ignite.engine import Events
+from monai.data import Dataset
+from monai.data.utils import no_collation
+from monai.engines.utils import IterationEvents
+
+from scripts.guard import NaNGuard
+from scripts.quarantine import Quarantine
+from scripts.trainer import StabilisedDetectionTrainer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 AMP with a GradScaler needs a CUDA GPU")
+
+
+def cuda_trainer(tmp_path, epochs: int, guard_kwargs: dict | None = None, loader=None):
+    """The tiny detector on the GPU under AMP (fp16 autocast + GradScaler), guarded."""
+    detector = tiny_detector()
+    detector.network.to("cuda")
+    optimizer = torch.optim.SGD(detector.network.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    quarantine = Quarantine(str(tmp_path / "quarantine.json"))
+    guard = NaNGuard(
+        detector.network,
+        optimizer,
+        quarantine=quarantine,
+        report_path=str(tmp_path / "guard_report.json"),
+        **(guard_kwargs or {}),
+    )
+    trainer = StabilisedDetectionTrainer(
+        "cuda",
+        epochs,
+        loader if loader is not None else tiny_loader(4, quarantine),
+        detector,
+        optimizer,
+        amp=True,
+        train_handlers=[guard],
+    )
+    return trainer, guard
+
+
+def snapshot(trainer) -> dict:
+    return {
+        "network": {k: v.clone() for k, v in trainer.network.state_dict().items()},
+        "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
+    }
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    for k, v in a["network"].items():
+        assert torch.equal(v, b["network"][k]), k
+    for i, s in a["optimizer"]["state"].items():
+        for k, v in s.items():
+            assert torch.equal(v, b["optimizer"]["state"][i][k]) if isinstance(v, torch.Tensor) else v == s[k]
+
+
+def test_fp16_overflow_is_absorbed_by_the_scaler(tmp_path):
+    trainer, guard = cuda_trainer(tmp_path, epochs=6)
+    assert trainer.scaler is not None and trainer.amp_dtype == torch.float16
+    # a loss scale of 2**28 overflows fp16 activation gradients (max 65504) until the scaler has halved it enough
+    trainer.scaler._init_scale = 2.0**28
+    records = []
+
+    @trainer.on(Events.ITERATION_STARTED)
+    def _before(engine):
+        records.append({"before": snapshot(engine), "scale": engine.scaler.get_scale()})
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _after(engine):
+        records[-1].update(event=engine.state.output["event"], after=snapshot(engine))
+
+    trainer.run()
+    overflows = [r for r in records if r["event"] == "grad"]
+    assert records[0]["event"] == "grad" and guard.counters["amp_overflows"] == len(overflows)
+    for r in overflows:  # each overflow step refused bitwise, as the scaler alone would
+        assert_bitwise_equal(r["before"], r["after"])
+    first = next(i for i, r in enumerate(records) if r["event"] is None)  # the scale fits from here on
+    assert records[first]["scale"] == 2.0 ** (28 - first)
+    # counted, not escalated: no guard event, no rollback, no LR backoff, and training went on
+    assert guard.counters["events"] == 0 and guard.counters["rollbacks"] == 0 and guard.lr_scale == 1.0
+    assert sum(r["event"] is None for r in records) >= len(records) // 4
+    assert all(torch.isfinite(p).all() for p in trainer.network.parameters())
+    assert not torch.equal(
+        records[0]["before"]["network"]["classification_head.cls_logits.weight"],
+        trainer.network.classification_head.cls_logits.weight,
+    )
+
+
+def test_repeated_fp16_overflow_escalates(tmp_path):
+    trainer, guard = cuda_trainer(tmp_path, epochs=3, guard_kwargs={"amp_overflow_patience": 3, "patience": 2})
+
+    @trainer.on(IterationEvents.BACKWARD_COMPLETED)
+    def _poison(engine):
+        if engine.state.iteration <= 6:
+            next(p for p in engine.network.parameters() if p.grad is not None).grad.fill_(float("inf"))
+
+    trainer.run()
+    # 6 overflows in a row: the 3rd and 4th count as events, and 2 events in a row roll back (which resets the
+    # count, so the 5th and 6th are absorbed again)
+    assert guard.counters["amp_overflows"] == 6 and guard.counters["events"] == 2
+    assert guard.counters["rollbacks"] == 1 and guard.lr_scale == pytest.approx(guard.lr_backoff)
+    assert trainer.state.output["event"] is None and guard.status == "completed"
+
+
+def test_injected_inf_under_amp_is_skipped_bitwise(tmp_path):
+    trainer, guard = cuda_trainer(tmp_path, epochs=2)
+    bad, seen = 5, {}
+
+    @trainer.on(Events.ITERATION_STARTED(once=bad))
+    def _before(engine):
+        seen["before"], seen["scale"] = snapshot(engine), engine.scaler.get_scale()
+
+    @trainer.on(IterationEvents.BACKWARD_COMPLETED)
+    def _poison(engine):
+        if engine.state.iteration == bad:
+            next(p for p in engine.network.parameters() if p.grad is not None).grad[0].fill_(float("inf"))
+
+    @trainer.on(Events.ITERATION_COMPLETED(once=bad))
+    def _after(engine):
+        assert engine.state.output["event"] == "grad" and engine.state.output["amp_overflow"]
+        assert_bitwise_equal(seen["before"], snapshot(engine))
+        assert engine.scaler.get_scale() == seen["scale"] / 2  # the scaler's own remedy, nothing more
+        seen["checked"] = True
+
+    trainer.run()
+    assert seen.get("checked")  # (the tiny fp16 network may overflow on its own as well: absorbed the same way)
+    assert guard.counters["skipped_steps"] == guard.counters["amp_overflows"] >= 1
+    assert guard.counters["events"] == 0 and guard.counters["rollbacks"] == 0
+
+
+def test_batch_without_boxes_trains_on_the_gpu(tmp_path):
+    # MONAI returns the box loss of a batch without box samples as a CPU tensor; the fused decision must not mind
+    samples = [tiny_sample(i) for i in range(2)]
+    samples[1]["box"], samples[1]["label"] = torch.zeros((0, 6)), torch.zeros((0,), dtype=torch.long)
+    loader = torch.utils.data.DataLoader(Dataset([samples[1], samples[0]]), batch_size=1, collate_fn=no_collation)
+    trainer, guard = cuda_trainer(tmp_path, epochs=2, loader=loader)
+    outputs = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(dict(e.state.output)))
+    trainer.run()
+    assert [o["loss_reg"] for o in outputs][::2] == [0.0, 0.0] and all(o["loss_reg"] > 0 for o in outputs[1::2])
+    assert guard.counters["events"] == 0 and all(math.isfinite(o["loss"]) for o in outputs)
