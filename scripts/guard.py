@@ -72,6 +72,10 @@ class NaNGuard:
     - keeps a last-good snapshot (network, optimiser, GradScaler, LR scheduler) in host memory, refreshed every
       ``snapshot_every`` iterations while training is healthy: no event in the window, finite weights, and a mean
       loss no more than ``max_loss_growth`` times that of the previous snapshot's window;
+    - at each refresh measures the update ratio, how far the weights moved since the snapshot relative to their
+      norm, per optimiser step: ``||w - w_snapshot|| / ||w_snapshot|| / steps``. An LR ten times too high moves
+      them by several percent per step while loss and gradients stay finite (healthy runs measured 5e-4 to 3e-3),
+      so a ratio above ``max_update_ratio`` is an ``update`` event that rolls back at once;
     - after ``patience`` consecutive events, or at once when the weights are non-finite, restores the snapshot
       and multiplies the LR by ``lr_backoff``;
     - records every event (iteration, epoch, kind, loss parts, grad norm, LR, files) and quarantines an image
@@ -98,6 +102,7 @@ class NaNGuard:
         max_loss_growth: a loss above this factor times the median of the last ``snapshot_every`` healthy losses
             (at least 1) is refused as a ``loss`` event, and a window whose mean loss grew more than this factor
             is not snapshotted.
+        max_update_ratio: the update ratio above which the run rolls back (0 disables the check).
         amp_overflow_patience: consecutive AMP overflows counted as one grad event.
         quarantine: the shared quarantine record (data QA writes to it as well).
         report_path: JSON report written at the end of the run (or at the stop).
@@ -117,6 +122,7 @@ class NaNGuard:
         snapshot_every: int = 10,
         quarantine_after: int = 2,
         max_loss_growth: float = 10.0,
+        max_update_ratio: float = 0.02,
         amp_overflow_patience: int = 20,
         quarantine: Quarantine | None = None,
         report_path: str | None = None,
@@ -133,6 +139,7 @@ class NaNGuard:
         self.snapshot_every = snapshot_every
         self.quarantine_after = quarantine_after
         self.max_loss_growth = max_loss_growth
+        self.max_update_ratio = max_update_ratio
         self.amp_overflow_patience = amp_overflow_patience
         self.quarantine = quarantine if quarantine is not None else Quarantine()
         self.report_path = report_path
@@ -159,6 +166,8 @@ class NaNGuard:
         self.snapshot_iteration = 0
         self.snapshot_lr_scale = 1.0
         self.snapshot_loss: float | None = None
+        self.steps_since_snapshot = 0
+        self.update_ratio = math.nan  # the last measured one
         self.status = "running"
 
     def attach(self, engine: Engine) -> None:
@@ -174,12 +183,12 @@ class NaNGuard:
         engine.state.guard = self
 
     # ---------------------------------------------------------------- snapshots
-    def take_snapshot(self, engine: Engine) -> None:
-        """Copy network, optimiser, scaler and scheduler state to host memory."""
+    def take_snapshot(self, engine: Engine, network_state: dict[str, torch.Tensor] | None = None) -> None:
+        """Copy network (unless its host copy is given), optimiser, scaler and scheduler state to host memory."""
         self.scaler = getattr(engine, "scaler", None)
         self.snapshot = _to_host(
             {
-                "network": self.network.state_dict(),
+                "network": network_state if network_state is not None else self.network.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
@@ -187,6 +196,7 @@ class NaNGuard:
         )
         self.snapshot_iteration = engine.state.iteration
         self.snapshot_lr_scale = self.lr_scale
+        self.steps_since_snapshot = 0
 
     def restore_snapshot(self) -> None:
         """Load the last good state back (exactly: parameters, buffers, optimiser, scaler, scheduler)."""
@@ -197,6 +207,7 @@ class NaNGuard:
             self.scaler.load_state_dict(self.snapshot["scaler"])
         if self.lr_scheduler is not None and self.snapshot["lr_scheduler"] is not None:
             self.lr_scheduler.load_state_dict(copy.deepcopy(self.snapshot["lr_scheduler"]))
+        self.steps_since_snapshot = 0
 
     def iteration_started(self, engine: Engine) -> None:
         """Take the first snapshot, and give the trainer this iteration's loss-spike limit."""
@@ -206,18 +217,39 @@ class NaNGuard:
         recent = sorted(self._recent)
         engine.loss_limit = self.max_loss_growth * max(recent[len(recent) // 2], 1.0) if recent else math.inf
 
-    def _maybe_refresh_snapshot(self, engine: Engine, loss: float) -> None:
-        self._window.append(loss)
+    def _update_ratio(self, network_state: dict[str, torch.Tensor]) -> float:
+        """``||w - w_snapshot|| / ||w_snapshot||`` over the trained parameters, per step since the snapshot."""
+        assert self.snapshot is not None
+        old = self.snapshot["network"]
+        names = [n for n, p in self.network.named_parameters() if p.requires_grad]
+        moved = torch.nn.utils.get_total_norm([network_state[n].float() - old[n].float() for n in names])
+        norm = torch.nn.utils.get_total_norm([old[n].float() for n in names])
+        return float(moved / norm.clamp_min(1e-12)) / max(self.steps_since_snapshot, 1)
+
+    def _maybe_refresh_snapshot(self, engine: Engine, out: dict[str, Any]) -> None:
+        self._window.append(out["loss"])
         if len(self._window) < self.snapshot_every:
             return
         mean = sum(self._window) / len(self._window)
         healthy = self._window_clean and math.isfinite(mean)
         if healthy and self.snapshot_loss is not None:
             healthy = mean <= self.max_loss_growth * max(self.snapshot_loss, 1e-8)
-        if healthy and _weights_finite(self.network):
-            self.take_snapshot(engine)
-            self.snapshot_loss = mean
         self._window, self._window_clean = [], True
+        if not _weights_finite(self.network):
+            return
+        network_state = _to_host(self.network.state_dict())
+        self.update_ratio = self._update_ratio(network_state)
+        if self.max_update_ratio and self.update_ratio > self.max_update_ratio:
+            self.counters["events"] += 1
+            self._record(engine, "update", out)
+            self._rollback(
+                engine,
+                f"the weights moved {self.update_ratio:.2g} of their norm per step over the last "
+                f"{self.steps_since_snapshot} steps (max_update_ratio {self.max_update_ratio:.2g})",
+            )
+        elif healthy:
+            self.take_snapshot(engine, network_state)
+            self.snapshot_loss = mean
 
     # ---------------------------------------------------------------- the policy
     def iteration_completed(self, engine: Engine) -> None:
@@ -231,8 +263,9 @@ class NaNGuard:
         if event is None:
             self.consecutive = 0
             self.consecutive_amp = 0
+            self.steps_since_snapshot += 1
             self._recent.append(out["loss"])
-            self._maybe_refresh_snapshot(engine, out["loss"])
+            self._maybe_refresh_snapshot(engine, out)
             return
         self.counters["skipped_steps"] += 1
         self._window_clean = False
@@ -250,7 +283,7 @@ class NaNGuard:
             self.counters["weights_nonfinite"] += 1
             self._rollback(engine, "the weights became non-finite")
         elif self.consecutive >= self.patience:
-            self._rollback(engine, f"{self.consecutive} consecutive non-finite steps")
+            self._rollback(engine, f"{self.consecutive} consecutive refused steps")
 
     def _record(self, engine: Engine, kind: str, out: dict[str, Any]) -> None:
         local_files = sorted({os.path.abspath(f) for f in out.get("bad_files", []) if f})
@@ -275,6 +308,7 @@ class NaNGuard:
             "loss_cls": out.get("loss_cls"),
             "loss_reg": out.get("loss_reg"),
             "grad_norm": out.get("grad_norm"),
+            "update_ratio": self.update_ratio if kind == "update" else None,
             "lr": self.optimizer.param_groups[0]["lr"],
             "files": bad_files,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -282,9 +316,15 @@ class NaNGuard:
         if len(self.events) < self.max_logged_events:
             self.events.append(entry)
         if self.write_files:
+            if kind == "update":
+                what, action = f"update ratio {self.update_ratio:.2g}", "rolling back"
+            elif kind == "loss" and math.isfinite(entry["loss"]):
+                what, action = f"loss spike (above {engine.loss_limit:.3g})", "step skipped"
+            else:
+                what, action = f"non-finite {kind}", "step skipped"
             logger.warning(
-                f"guard: non-finite {kind} at epoch {entry['epoch']} iteration {entry['iteration']} "
-                f"(loss {entry['loss']:.4g}, grad norm {entry['grad_norm']:.4g}, lr {entry['lr']:.3g}); step skipped; "
+                f"guard: {what} at epoch {entry['epoch']} iteration {entry['iteration']} "
+                f"(loss {entry['loss']:.4g}, grad norm {entry['grad_norm']:.4g}, lr {entry['lr']:.3g}); {action}; "
                 f"files: {', '.join(os.path.basename(f) for f in bad_files) or '-'}"
             )
         for f, reason in candidates:
@@ -360,7 +400,15 @@ class NaNGuard:
             "snapshot_iteration": self.snapshot_iteration,
             "settings": {
                 k: getattr(self, k)
-                for k in ("patience", "lr_backoff", "max_rollbacks", "snapshot_every", "quarantine_after")
+                for k in (
+                    "patience",
+                    "lr_backoff",
+                    "max_rollbacks",
+                    "snapshot_every",
+                    "quarantine_after",
+                    "max_loss_growth",
+                    "max_update_ratio",
+                )
             },
             "quarantined": [{"image": k, **v} for k, v in self.quarantine.entries.items()],
             "events": self.events,

@@ -251,3 +251,44 @@ def test_nonfinite_input_is_an_event_not_a_crash(tmp_path, kind):
     trainer.run()
     assert guard.events[0]["kind"] == "input" and guard.counters["skipped_steps"] == 1
     assert finite_weights(trainer.network)
+
+
+def test_too_large_updates_roll_back_and_back_off(tmp_path):
+    # finite, spike-free steps that move the weights more than max_update_ratio per step (an LR far too high)
+    trainer, guard = make_trainer(tmp_path, epochs=1, guard_kwargs={"snapshot_every": 2, "max_update_ratio": 1e-4})
+    names = [n for n, _ in trainer.network.named_parameters()]
+    seen = {"steps": []}
+    trainer.optimizer.register_step_post_hook(
+        lambda opt, args, kwargs: seen["steps"].append(copy.deepcopy(trainer.network.state_dict()))
+    )
+
+    @trainer.on(Events.ITERATION_STARTED(once=1))
+    def _start(engine):
+        seen["start"] = copy.deepcopy(engine.network.state_dict())
+        seen["lr"] = engine.optimizer.param_groups[0]["lr"]
+
+    @trainer.on(Events.ITERATION_COMPLETED(once=2))
+    def _check(engine):
+        assert engine.state.output["event"] is None  # the step itself was clean
+        for k, v in seen["start"].items():  # rolled back to the snapshot of iteration 1, exactly
+            assert torch.equal(engine.network.state_dict()[k], v), k
+        assert engine.optimizer.param_groups[0]["lr"] == pytest.approx(seen["lr"] * guard.lr_backoff)
+        seen["checked"] = True
+
+    trainer.run()
+    assert seen.get("checked")
+    event = guard.events[0]
+    assert event["kind"] == "update" and event["iteration"] == 2 and event["files"] == []  # no file is blamed
+    assert guard.counters["skipped_steps"] == 0 and guard.counters["rollbacks"] >= 1 and len(guard.quarantine) == 0
+    # the ratio it acted on: how far 2 steps moved the weights from the snapshot, relative to its norm, per step
+    start, after_2 = seen["start"], seen["steps"][1]
+    moved = torch.nn.utils.get_total_norm([after_2[n] - start[n] for n in names])
+    expected = float(moved / torch.nn.utils.get_total_norm([start[n] for n in names])) / 2
+    assert event["update_ratio"] == pytest.approx(expected, rel=1e-5) and expected > 1e-4
+
+
+def test_healthy_updates_do_not_roll_back(tmp_path):
+    trainer, guard = make_trainer(tmp_path, epochs=2, guard_kwargs={"snapshot_every": 2})
+    trainer.run()
+    assert 0 < guard.update_ratio < guard.max_update_ratio and guard.counters["rollbacks"] == 0
+    assert guard.snapshot_iteration == 8  # refreshed at every window
