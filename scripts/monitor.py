@@ -39,8 +39,11 @@ class TrainingMonitor:
     Logs the stabilised trainer's per-iteration report.
 
     Every iteration: scalars to TensorBoard (``train/<name>``), a row to ``csv_path``, the progress bar's postfix,
-    and MLflow metrics when an `MLFlowHandler` is attached to the trainer. Every ``log_every`` iterations and at
-    each event of the guard: one console line. Only rank 0 writes under DDP.
+    and MLflow metrics (``train_<name>``) when an `MLFlowHandler` is attached to the trainer. Every ``log_every``
+    iterations and at each event of the guard: one console line. Only rank 0 writes under DDP.
+
+    The monitor becomes the MLflow handler's ``iteration_logger``: the handler's default one expects MONAI's
+    decollated list output and fails on this trainer's dict (``float()`` of a tuple inside MLflow).
 
     Args:
         log_dir: TensorBoard log directory (``None``: no TensorBoard).
@@ -60,7 +63,8 @@ class TrainingMonitor:
         self.bar: tqdm | None = None
         self._csv_file: Any = None
         self._csv: Any = None
-        self._mlflow: MLFlowHandler | None | bool = None
+        self._mlflow: MLFlowHandler | None = None
+        self._scalars: dict[str, float] = {}
 
     def attach(self, engine: Engine) -> None:
         """Register with the trainer (nothing is written on DDP ranks other than 0)."""
@@ -75,6 +79,9 @@ class TrainingMonitor:
         engine.add_event_handler(Events.EXCEPTION_RAISED, lambda engine, e: self.close(engine))
 
     def started(self, engine: Engine) -> None:
+        self._mlflow = self._find_mlflow(engine)
+        if self._mlflow is not None:
+            self._mlflow.iteration_logger = self._log_mlflow
         if self.log_dir and self.writer is None:
             self.writer = SummaryWriter(log_dir=self.log_dir)
         if self.csv_path and self._csv is None:
@@ -83,7 +90,7 @@ class TrainingMonitor:
             self._csv_file = open(self.csv_path, "a" if resume else "w", newline="")
             self._csv = csv.writer(self._csv_file)
             if not resume:
-                self._csv.writerow([*COLUMNS, "event", *GUARD_COUNTERS, "lr_scale"])
+                self._csv.writerow([*COLUMNS, "event", *GUARD_COUNTERS, "lr_scale", "update_ratio"])
 
     def epoch_started(self, engine: Engine) -> None:
         if self.progress:
@@ -115,6 +122,7 @@ class TrainingMonitor:
         for key in GUARD_COUNTERS:
             values[key] = guard.counters[key] if guard is not None else 0
         values["lr_scale"] = guard.lr_scale if guard is not None else 1.0
+        values["update_ratio"] = guard.update_ratio if guard is not None else math.nan
         return values
 
     def iteration_completed(self, engine: Engine) -> None:
@@ -130,12 +138,9 @@ class TrainingMonitor:
                 [values[c] for c in COLUMNS]
                 + [values["event"]]
                 + [values[c] for c in GUARD_COUNTERS]
-                + [values["lr_scale"]]
+                + [values["lr_scale"], values["update_ratio"]]
             )
-        if self._mlflow is None:
-            self._mlflow = self._find_mlflow(engine) or False
-        if self._mlflow and self._mlflow.cur_run:
-            self._mlflow._log_metrics({f"train_{k}": v for k, v in scalars.items() if math.isfinite(v)}, step=step)
+        self._scalars = scalars
         if self.bar is not None:
             self.bar.set_postfix(
                 loss=f"{values['loss']:.4g}", gnorm=f"{values['grad_norm']:.3g}", lr=f"{values['lr']:.3g}"
@@ -152,6 +157,12 @@ class TrainingMonitor:
             (logger.warning if values["event"] else logger.info)(
                 line + (f" [{values['event']}]" if values["event"] else "")
             )
+
+    def _log_mlflow(self, engine: Engine) -> None:
+        """The MLflow handler's iteration logger: this iteration's scalars, as ``train_<name>``."""
+        if self._mlflow is not None and self._mlflow.cur_run:
+            metrics = {f"train_{k}": v for k, v in self._scalars.items() if math.isfinite(v)}
+            self._mlflow._log_metrics(metrics, step=engine.state.iteration)
 
     def epoch_completed(self, engine: Engine) -> None:
         if self.bar is not None:

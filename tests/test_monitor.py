@@ -1,0 +1,79 @@
+"""The training monitor: per-iteration CSV and TensorBoard scalars, and MLflow through an attached MLFlowHandler."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import monai
+import torch
+from conftest import tiny_detector, tiny_loader
+from monai.engines.utils import IterationEvents
+from monai.handlers import MLFlowHandler
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from scripts.guard import NaNGuard
+from scripts.monitor import TrainingMonitor
+from scripts.trainer import StabilisedDetectionTrainer
+
+
+class RecordingMLflow(MLFlowHandler):
+    """An `MLFlowHandler` that records what it would send to the MLflow server (mlflow itself is not installed)."""
+
+    def __init__(self) -> None:  # MLFlowHandler.__init__ builds an MLflow client
+        self.iteration_log, self.epoch_log, self.iteration_logger, self.epoch_logger = True, False, None, None
+        self.output_transform = monai.handlers.from_engine(["loss"], first=True)  # what `--tracking mlflow` sets
+        self.tag_name, self.optimizer_param_names, self.close_on_complete = "train_loss", ("lr",), False
+        self.cur_run, self.logged = None, []
+
+    def start(self, engine) -> None:
+        self.cur_run = "run"
+
+    def complete(self, engine) -> None:
+        pass
+
+    def _log_metrics(self, metrics, step=None) -> None:
+        self.logged.append((step, metrics))
+
+
+def run_monitored(tmp_path, epochs=2, poison_iteration=None, mlflow=None):
+    detector = tiny_detector()
+    optimizer = torch.optim.SGD(detector.network.parameters(), lr=0.01, momentum=0.9)
+    guard = NaNGuard(detector.network, optimizer, snapshot_every=2)
+    monitor = TrainingMonitor(log_dir=str(tmp_path / "tb"), log_every=0, csv_path=str(tmp_path / "log.csv"))
+    handlers = [guard, monitor] + ([mlflow] if mlflow is not None else [])
+    trainer = StabilisedDetectionTrainer("cpu", epochs, tiny_loader(4), detector, optimizer, train_handlers=handlers)
+
+    @trainer.on(IterationEvents.BACKWARD_COMPLETED)
+    def _poison(engine):
+        if engine.state.iteration == poison_iteration:
+            next(p for p in engine.network.parameters() if p.grad is not None).grad.fill_(float("nan"))
+
+    trainer.run()
+    return trainer, guard
+
+
+def test_csv_and_tensorboard_have_every_iteration(tmp_path):
+    trainer, guard = run_monitored(tmp_path, epochs=2, poison_iteration=3)
+    rows = list(csv.DictReader((tmp_path / "log.csv").open()))
+    assert [int(r["iteration"]) for r in rows] == list(range(1, 9))
+    assert [r["event"] for r in rows] == ["", "", "grad", "", "", "", "", ""]
+    assert int(rows[-1]["skipped_steps"]) == 1 == guard.counters["skipped_steps"]
+    assert all(float(r["weight_norm"]) > 0 and float(r["lr"]) == 0.01 for r in rows)
+    assert math.isnan(float(rows[0]["update_ratio"])) and float(rows[-1]["update_ratio"]) > 0
+    assert float(rows[-1]["grad_norm"]) == trainer.state.output["grad_norm"]
+    tb = EventAccumulator(str(tmp_path / "tb"))
+    tb.Reload()
+    for tag in ("train/loss", "train/grad_norm", "train/weight_norm", "train/lr", "train/rollbacks"):
+        assert [e.step for e in tb.Scalars(tag)] == list(range(1, 9)), tag
+    assert [e.value for e in tb.Scalars("train/event")] == [0, 0, 1, 0, 0, 0, 0, 0]
+
+
+def test_mlflow_gets_every_scalar_as_floats(tmp_path):
+    mlflow = RecordingMLflow()
+    run_monitored(tmp_path, epochs=1, mlflow=mlflow)
+    # the monitor is the handler's iteration logger: one batch of float metrics per iteration, nothing else
+    assert [step for step, _ in mlflow.logged] == [1, 2, 3, 4]
+    for _, metrics in mlflow.logged:
+        assert {"train_loss", "train_loss_cls", "train_grad_norm", "train_weight_norm", "train_lr"} <= set(metrics)
+        assert all(isinstance(v, (float, int)) for v in metrics.values())
