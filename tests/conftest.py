@@ -1,7 +1,8 @@
-"""Shared fixtures: a tiny RetinaNet detector and tiny in-memory detection samples, fast enough for CI."""
+"""Shared fixtures: a tiny RetinaNet detector, tiny in-memory detection samples and a guarded trainer of them."""
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -12,6 +13,7 @@ from monai.apps.detection.networks.retinanet_network import RetinaNet
 from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
 from monai.data import Dataset, MetaTensor
 from monai.data.utils import no_collation
+from monai.engines.utils import IterationEvents
 from monai.networks.blocks.backbone_fpn_utils import BackboneWithFPN
 from monai.networks.blocks.feature_pyramid_network import LastLevelMaxPool
 from monai.networks.nets.resnet import ResNet
@@ -20,7 +22,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from scripts.guard import NaNGuard  # noqa: E402
 from scripts.quarantine import Quarantine, QuarantineSampler  # noqa: E402
+from scripts.schedule import warmup_decay_scheduler  # noqa: E402
+from scripts.trainer import StabilisedDetectionTrainer  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -77,6 +82,84 @@ def tiny_loader(num: int = 4, quarantine: Quarantine | None = None, seed: int = 
     dataset = Dataset([tiny_sample(i, seed=seed) for i in range(num)])
     sampler = QuarantineSampler(dataset, quarantine if quarantine is not None else Quarantine(), shuffle=shuffle)
     return torch.utils.data.DataLoader(dataset, batch_size=1, sampler=sampler, collate_fn=no_collation)
+
+
+def make_trainer(
+    tmp_path,
+    epochs=2,
+    lr=0.01,
+    loader=None,
+    quarantine=None,
+    guard_kwargs=None,
+    enabled=True,
+    device="cpu",
+    handlers=(),
+    **kw,
+):
+    """A guarded `StabilisedDetectionTrainer` of the tiny detector (SGD-Nesterov, constant LR) on ``device``."""
+    detector = tiny_detector()
+    detector.network.to(device)
+    optimizer = torch.optim.SGD(detector.network.parameters(), lr=lr, momentum=0.9, nesterov=True)
+    scheduler = warmup_decay_scheduler(optimizer, warmup_iters=0, total_iters=100, decay="step", step_iters=1000)
+    quarantine = quarantine if quarantine is not None else Quarantine(str(tmp_path / "quarantine.json"))
+    guard = NaNGuard(
+        detector.network,
+        optimizer,
+        scheduler,
+        enabled=enabled,
+        quarantine=quarantine,
+        report_path=str(tmp_path / "guard_report.json"),
+        ckpt_path=str(tmp_path / "last_good.pt"),
+        **(guard_kwargs or {}),
+    )
+    trainer = StabilisedDetectionTrainer(
+        device,
+        epochs,
+        loader if loader is not None else tiny_loader(4, quarantine),
+        detector,
+        optimizer,
+        skip_nonfinite=enabled,
+        grad_clip_norm=10.0 if enabled else None,
+        train_handlers=[guard, *handlers],
+        **kw,
+    )
+    return trainer, guard
+
+
+def state_of(trainer):
+    """An exact copy of everything a refused step must leave alone."""
+    return {
+        "network": copy.deepcopy(trainer.network.state_dict()),
+        "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
+    }
+
+
+def assert_same_state(a, b):
+    """Network and optimiser states (from `state_of`) bitwise equal."""
+    for k, v in a["network"].items():
+        assert torch.equal(v, b["network"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k, v in sa[i].items():
+            assert torch.equal(v, sb[i][k]) if isinstance(v, torch.Tensor) else v == sb[i][k]
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+
+
+def finite_weights(network):
+    """Whether every floating-point parameter and buffer is finite."""
+    return all(torch.isfinite(p).all() for p in network.state_dict().values() if p.is_floating_point())
+
+
+def poison_gradients(trainer, iterations, value: float = float("inf"), every_parameter: bool = False) -> None:
+    """After backward at each of ``iterations``, fill the first parameter's gradient (or all) with ``value``."""
+
+    @trainer.on(IterationEvents.BACKWARD_COMPLETED)
+    def _poison(engine):
+        if engine.state.iteration in iterations:
+            grads = [p.grad for p in engine.network.parameters() if p.grad is not None]
+            for g in grads if every_parameter else grads[:1]:
+                g.fill_(value)
 
 
 @pytest.fixture(autouse=True)

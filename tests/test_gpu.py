@@ -2,62 +2,21 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
-from conftest import tiny_detector, tiny_loader, tiny_sample
+from conftest import assert_same_state, make_trainer, poison_gradients, state_of, tiny_sample
 from ignite.engine import Events
 from monai.data import Dataset
 from monai.data.utils import no_collation
-from monai.engines.utils import IterationEvents
-
-from scripts.guard import NaNGuard
-from scripts.quarantine import Quarantine
-from scripts.trainer import StabilisedDetectionTrainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 AMP with a GradScaler needs a CUDA GPU")
 
 
 def cuda_trainer(tmp_path, epochs: int, guard_kwargs: dict | None = None, loader=None):
     """The tiny detector on the GPU under AMP (fp16 autocast + GradScaler), guarded."""
-    detector = tiny_detector()
-    detector.network.to("cuda")
-    optimizer = torch.optim.SGD(detector.network.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    quarantine = Quarantine(str(tmp_path / "quarantine.json"))
-    guard = NaNGuard(
-        detector.network,
-        optimizer,
-        quarantine=quarantine,
-        report_path=str(tmp_path / "guard_report.json"),
-        **(guard_kwargs or {}),
-    )
-    trainer = StabilisedDetectionTrainer(
-        "cuda",
-        epochs,
-        loader if loader is not None else tiny_loader(4, quarantine),
-        detector,
-        optimizer,
-        amp=True,
-        train_handlers=[guard],
-    )
-    return trainer, guard
-
-
-def snapshot(trainer) -> dict:
-    return {
-        "network": {k: v.clone() for k, v in trainer.network.state_dict().items()},
-        "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
-    }
-
-
-def assert_bitwise_equal(a: dict, b: dict) -> None:
-    for k, v in a["network"].items():
-        assert torch.equal(v, b["network"][k]), k
-    for i, s in a["optimizer"]["state"].items():
-        for k, v in s.items():
-            assert torch.equal(v, b["optimizer"]["state"][i][k]) if isinstance(v, torch.Tensor) else v == s[k]
+    return make_trainer(tmp_path, epochs, loader=loader, guard_kwargs=guard_kwargs, device="cuda", amp=True)
 
 
 def test_fp16_overflow_is_absorbed_by_the_scaler(tmp_path):
@@ -69,18 +28,18 @@ def test_fp16_overflow_is_absorbed_by_the_scaler(tmp_path):
 
     @trainer.on(Events.ITERATION_STARTED)
     def _before(engine):
-        records.append({"before": snapshot(engine), "scale": engine.scaler.get_scale()})
+        records.append({"before": state_of(engine), "scale": engine.scaler.get_scale()})
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def _after(engine):
-        records[-1].update(event=engine.state.output["event"], after=snapshot(engine))
+        records[-1].update(event=engine.state.output["event"], after=state_of(engine))
 
     trainer.run()
     overflows = [r for r in records if r["event"] == "grad"]
     assert records[0]["event"] == "grad" and guard.counters["amp_overflows"] == len(overflows)
     for r in overflows:  # each overflow step refused bitwise, as the scaler alone would
-        assert_bitwise_equal(r["before"], r["after"])
-    first = next(i for i, r in enumerate(records) if r["event"] is None)  # the scale fits from here on
+        assert_same_state(r["before"], r["after"])
+    first = next(i for i, r in enumerate(records) if r["event"] is None)  # the first scale small enough
     assert records[first]["scale"] == 2.0 ** (28 - first)
     # counted, not escalated: no guard event, no rollback, no LR backoff, and training went on
     assert guard.counters["events"] == 0 and guard.counters["rollbacks"] == 0 and guard.lr_scale == 1.0
@@ -95,10 +54,7 @@ def test_fp16_overflow_is_absorbed_by_the_scaler(tmp_path):
 def test_repeated_fp16_overflow_escalates(tmp_path):
     trainer, guard = cuda_trainer(tmp_path, epochs=3, guard_kwargs={"amp_overflow_patience": 3, "patience": 2})
 
-    @trainer.on(IterationEvents.BACKWARD_COMPLETED)
-    def _poison(engine):
-        if engine.state.iteration <= 6:
-            next(p for p in engine.network.parameters() if p.grad is not None).grad.fill_(float("inf"))
+    poison_gradients(trainer, range(1, 7))
 
     trainer.run()
     # 6 overflows in a row: the 3rd and 4th count as events, and 2 events in a row roll back (which resets the
@@ -114,17 +70,14 @@ def test_injected_inf_under_amp_is_skipped_bitwise(tmp_path):
 
     @trainer.on(Events.ITERATION_STARTED(once=bad))
     def _before(engine):
-        seen["before"], seen["scale"] = snapshot(engine), engine.scaler.get_scale()
+        seen["before"], seen["scale"] = state_of(engine), engine.scaler.get_scale()
 
-    @trainer.on(IterationEvents.BACKWARD_COMPLETED)
-    def _poison(engine):
-        if engine.state.iteration == bad:
-            next(p for p in engine.network.parameters() if p.grad is not None).grad[0].fill_(float("inf"))
+    poison_gradients(trainer, [bad])
 
     @trainer.on(Events.ITERATION_COMPLETED(once=bad))
     def _after(engine):
         assert engine.state.output["event"] == "grad" and engine.state.output["amp_overflow"]
-        assert_bitwise_equal(seen["before"], snapshot(engine))
+        assert_same_state(seen["before"], state_of(engine))
         assert engine.scaler.get_scale() == seen["scale"] / 2  # the scaler's own remedy, nothing more
         seen["checked"] = True
 

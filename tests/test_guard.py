@@ -8,68 +8,13 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_detector, tiny_loader, tiny_sample
+from conftest import assert_same_state, finite_weights, make_trainer, poison_gradients, state_of, tiny_sample
 from ignite.engine import Events
 from monai.data import Dataset, MetaTensor
 from monai.data.utils import no_collation
-from monai.engines.utils import IterationEvents
 
 from scripts.guard import GuardStopped, NaNGuard
 from scripts.quarantine import Quarantine, QuarantineSampler
-from scripts.schedule import warmup_decay_scheduler
-from scripts.trainer import StabilisedDetectionTrainer
-
-
-def make_trainer(tmp_path, epochs=2, lr=0.01, loader=None, quarantine=None, guard_kwargs=None, enabled=True, **kw):
-    detector = tiny_detector()
-    optimizer = torch.optim.SGD(detector.network.parameters(), lr=lr, momentum=0.9, nesterov=True)
-    scheduler = warmup_decay_scheduler(optimizer, warmup_iters=0, total_iters=100, decay="step", step_iters=1000)
-    quarantine = quarantine if quarantine is not None else Quarantine(str(tmp_path / "quarantine.json"))
-    guard = NaNGuard(
-        detector.network,
-        optimizer,
-        scheduler,
-        enabled=enabled,
-        quarantine=quarantine,
-        report_path=str(tmp_path / "guard_report.json"),
-        ckpt_path=str(tmp_path / "last_good.pt"),
-        **(guard_kwargs or {}),
-    )
-    trainer = StabilisedDetectionTrainer(
-        "cpu",
-        epochs,
-        loader if loader is not None else tiny_loader(4, quarantine),
-        detector,
-        optimizer,
-        skip_nonfinite=enabled,
-        grad_clip_norm=10.0 if enabled else None,
-        train_handlers=[guard],
-        **kw,
-    )
-    return trainer, guard
-
-
-def state_of(trainer):
-    """An exact copy of everything a refused step must leave alone."""
-    return {
-        "network": copy.deepcopy(trainer.network.state_dict()),
-        "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
-    }
-
-
-def assert_same_state(a, b):
-    for k, v in a["network"].items():
-        assert torch.equal(v, b["network"][k]), k
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert sa.keys() == sb.keys()
-    for i in sa:
-        for k, v in sa[i].items():
-            assert torch.equal(v, sb[i][k]) if isinstance(v, torch.Tensor) else v == sb[i][k]
-    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
-
-
-def finite_weights(network):
-    return all(torch.isfinite(p).all() for p in network.state_dict().values() if p.is_floating_point())
 
 
 def test_clean_run_steps_and_reports(tmp_path):
@@ -102,10 +47,7 @@ def test_inf_gradient_step_is_skipped_bitwise(tmp_path):
     def _save(engine):
         seen["before"] = state_of(engine)
 
-    @trainer.on(IterationEvents.BACKWARD_COMPLETED)
-    def _poison(engine):
-        if engine.state.iteration == bad_iteration:
-            next(p for p in engine.network.parameters() if p.grad is not None).grad[0].fill_(float("inf"))
+    poison_gradients(trainer, [bad_iteration])
 
     @trainer.on(Events.ITERATION_COMPLETED(once=bad_iteration))
     def _check(engine):
@@ -189,11 +131,7 @@ def test_learning_rate_overload_recovers(tmp_path):
 def test_unrecoverable_run_stops_cleanly(tmp_path):
     trainer, guard = make_trainer(tmp_path, epochs=5, guard_kwargs={"patience": 2, "max_rollbacks": 2})
 
-    @trainer.on(IterationEvents.BACKWARD_COMPLETED)
-    def _poison(engine):
-        for p in engine.network.parameters():
-            if p.grad is not None:
-                p.grad.fill_(float("inf"))
+    poison_gradients(trainer, range(1, 100), every_parameter=True)
 
     snapshot = {}
     trainer.add_event_handler(
@@ -228,10 +166,7 @@ def test_guard_off_behaves_like_the_zoo_trainer(tmp_path):
 def test_guard_state_survives_a_restart(tmp_path):
     trainer, guard = make_trainer(tmp_path, epochs=2, guard_kwargs={"patience": 1})
 
-    @trainer.on(IterationEvents.BACKWARD_COMPLETED)
-    def _poison(engine):
-        if engine.state.iteration in (3, 6):
-            next(p for p in engine.network.parameters() if p.grad is not None).grad.fill_(float("nan"))
+    poison_gradients(trainer, [3, 6], float("nan"))
 
     trainer.run()
     state = guard.state_dict()

@@ -6,15 +6,11 @@ import csv
 import math
 
 import monai
-import torch
-from conftest import tiny_detector, tiny_loader
-from monai.engines.utils import IterationEvents
+from conftest import make_trainer, poison_gradients
 from monai.handlers import MLFlowHandler
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from scripts.guard import NaNGuard
 from scripts.monitor import TrainingMonitor
-from scripts.trainer import StabilisedDetectionTrainer
 
 
 class RecordingMLflow(MLFlowHandler):
@@ -37,17 +33,11 @@ class RecordingMLflow(MLFlowHandler):
 
 
 def run_monitored(tmp_path, epochs=2, poison_iteration=None, mlflow=None):
-    detector = tiny_detector()
-    optimizer = torch.optim.SGD(detector.network.parameters(), lr=0.01, momentum=0.9)
-    guard = NaNGuard(detector.network, optimizer, snapshot_every=2)
     monitor = TrainingMonitor(log_dir=str(tmp_path / "tb"), log_every=0, csv_path=str(tmp_path / "log.csv"))
-    handlers = [guard, monitor] + ([mlflow] if mlflow is not None else [])
-    trainer = StabilisedDetectionTrainer("cpu", epochs, tiny_loader(4), detector, optimizer, train_handlers=handlers)
+    handlers = [monitor] + ([mlflow] if mlflow is not None else [])
+    trainer, guard = make_trainer(tmp_path, epochs, guard_kwargs={"snapshot_every": 2}, handlers=handlers)
 
-    @trainer.on(IterationEvents.BACKWARD_COMPLETED)
-    def _poison(engine):
-        if engine.state.iteration == poison_iteration:
-            next(p for p in engine.network.parameters() if p.grad is not None).grad.fill_(float("nan"))
+    poison_gradients(trainer, [poison_iteration], float("nan"))
 
     trainer.run()
     return trainer, guard
