@@ -13,7 +13,6 @@ import math
 import os
 from typing import Any
 
-import torch
 from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 from torch.utils.tensorboard import SummaryWriter
@@ -21,7 +20,7 @@ from tqdm import tqdm
 
 from scripts.distributed import is_rank0
 
-__all__ = ["TrainingMonitor", "weight_norm"]
+__all__ = ["TrainingMonitor"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,14 +28,9 @@ COLUMNS = ("iteration", "epoch", "loss", "loss_cls", "loss_reg", "grad_norm", "w
 GUARD_COUNTERS = ("events", "skipped_steps", "rollbacks", "amp_overflows")
 
 
-def weight_norm(network: torch.nn.Module) -> float:
-    """Global L2 norm of the network's parameters (one host sync)."""
-    return float(torch.nn.utils.get_total_norm([p.detach() for p in network.parameters()]))
-
-
 class TrainingMonitor:
     """
-    Logs the stabilised trainer's per-iteration report.
+    Logs the stabilised trainer's per-iteration report (it reads no tensor itself, so it adds no host sync).
 
     Every iteration: scalars to TensorBoard (``train/<name>``), a row to ``csv_path``, the progress bar's postfix,
     and MLflow metrics (``train_<name>``) when an `MLFlowHandler` is attached to the trainer. Every ``log_every``
@@ -107,16 +101,13 @@ class TrainingMonitor:
 
     def values(self, engine: Engine) -> dict[str, Any]:
         """The scalars of the iteration that just completed."""
-        out = engine.state.output
-        scaler = getattr(engine, "scaler", None)
+        out = engine.state.output  # weight norm and AMP scale come from the trainer's single host sync
         optimizer = getattr(engine, "optimizer", None)
-        network = getattr(engine, "network", None)
         values: dict[str, Any] = {"iteration": engine.state.iteration, "epoch": engine.state.epoch}
-        for key in ("loss", "loss_cls", "loss_reg", "grad_norm"):
+        for key in ("loss", "loss_cls", "loss_reg", "grad_norm", "weight_norm"):
             values[key] = float(out[key]) if out.get(key) is not None else math.nan
-        values["weight_norm"] = weight_norm(network) if network is not None else math.nan
         values["lr"] = optimizer.param_groups[0]["lr"] if optimizer is not None else math.nan
-        values["amp_scale"] = float(scaler.get_scale()) if scaler is not None else 1.0
+        values["amp_scale"] = float(out.get("amp_scale", 1.0))
         values["event"] = out.get("event") or ""
         guard = getattr(engine.state, "guard", None)
         for key in GUARD_COUNTERS:

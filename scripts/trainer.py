@@ -52,8 +52,9 @@ class StabilisedDetectionTrainer(Trainer):
     The finiteness of the input, the heads' ``NaN or Inf`` ValueError, the loss and the gradient norm are
     gathered in one flag vector and read with a single host synchronisation. A refused step leaves parameters,
     buffers, optimiser state and GradScaler exactly as they were. The iteration reports what happened in
-    ``engine.state.output`` (keys ``loss``, ``loss_cls``, ``loss_reg``, ``grad_norm``, ``event``, ``bad_files``,
-    ``files``); the `NaNGuard` handler acts on it.
+    ``engine.state.output`` (keys ``loss``, ``loss_cls``, ``loss_reg``, ``grad_norm`` before clipping, ``event``,
+    ``bad_files``, ``files``; and, read in the same sync for the monitor, ``weight_norm`` and ``amp_scale`` of the
+    weights and loss scale the iteration ran with); the `NaNGuard` handler acts on it.
 
     Under DDP (an initialised process group) the trainer does the data-parallel synchronisation itself: ranks start
     from rank 0's weights, and one all-reduce per step averages gradients and BatchNorm statistics together with the
@@ -203,11 +204,15 @@ class StabilisedDetectionTrainer(Trainer):
             grad_norm = torch.nn.utils.get_total_norm(grads)
             if engine.grad_clip_norm is not None:
                 torch.nn.utils.clip_grads_with_norm_(engine.params, engine.grad_clip_norm, grad_norm)
-        shared = torch.cat([shared, grad_norm.float()[None], (~finite_images).float()])
-        values = shared.tolist()
+        # telemetry read in the same sync: the weight norm and the loss scale this iteration ran with
+        weight_norm = torch.nn.utils.get_total_norm([p.detach() for p in engine.params])
+        scale = getattr(engine.scaler, "_scale", None)  # the tensor behind GradScaler.get_scale(), which syncs
+        scale = scale.float().reshape(1) if scale is not None else torch.ones(1, device=nan.device)
+        telemetry = [grad_norm.float()[None], weight_norm.float()[None], scale]
+        values = torch.cat([shared, *telemetry, (~finite_images).float()]).tolist()
         flags_ = [*values[:3], 0.0 if math.isfinite(values[6]) else 1.0]
         loss_v, cls_v, reg_v = (v / engine.world_size for v in values[3:6])
-        gnorm_v, bad_images = values[6], values[7:]
+        gnorm_v, wnorm_v, scale_v, bad_images = values[6], values[7], values[8], values[9:]
         event = next((k for k, f in zip(EVENT_KINDS, flags_) if f), None)
         if event is not None and not engine.skip_nonfinite:
             event = None  # the zoo trainer: step anyway
@@ -233,6 +238,8 @@ class StabilisedDetectionTrainer(Trainer):
                 "loss_cls": cls_v,
                 "loss_reg": reg_v,
                 "grad_norm": gnorm_v,
+                "weight_norm": wnorm_v,
+                "amp_scale": scale_v,
                 "event": event,
                 "amp_overflow": event == "grad" and engine.scaler is not None,
                 "files": files,

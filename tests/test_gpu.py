@@ -79,6 +79,7 @@ def test_injected_inf_under_amp_is_skipped_bitwise(tmp_path):
         assert engine.state.output["event"] == "grad" and engine.state.output["amp_overflow"]
         assert_same_state(seen["before"], state_of(engine))
         assert engine.scaler.get_scale() == seen["scale"] / 2  # the scaler's own remedy, nothing more
+        assert engine.state.output["amp_scale"] == seen["scale"]  # the monitor logs the scale the step ran with
         seen["checked"] = True
 
     trainer.run()

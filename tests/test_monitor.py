@@ -6,7 +6,10 @@ import csv
 import math
 
 import monai
+import pytest
+import torch
 from conftest import make_trainer, poison_gradients
+from ignite.engine import Events
 from monai.handlers import MLFlowHandler
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -32,10 +35,15 @@ class RecordingMLflow(MLFlowHandler):
         self.logged.append((step, metrics))
 
 
-def run_monitored(tmp_path, epochs=2, poison_iteration=None, mlflow=None):
+def run_monitored(tmp_path, epochs=2, poison_iteration=None, mlflow=None, weight_norms=None):
     monitor = TrainingMonitor(log_dir=str(tmp_path / "tb"), log_every=0, csv_path=str(tmp_path / "log.csv"))
     handlers = [monitor] + ([mlflow] if mlflow is not None else [])
     trainer, guard = make_trainer(tmp_path, epochs, guard_kwargs={"snapshot_every": 2}, handlers=handlers)
+    if weight_norms is not None:  # the norm of the weights each iteration starts from
+        params = list(trainer.network.parameters())
+        trainer.add_event_handler(
+            Events.ITERATION_STARTED, lambda e: weight_norms.append(float(torch.nn.utils.get_total_norm(params)))
+        )
 
     poison_gradients(trainer, [poison_iteration], float("nan"))
 
@@ -44,12 +52,15 @@ def run_monitored(tmp_path, epochs=2, poison_iteration=None, mlflow=None):
 
 
 def test_csv_and_tensorboard_have_every_iteration(tmp_path):
-    trainer, guard = run_monitored(tmp_path, epochs=2, poison_iteration=3)
+    weight_norms = []
+    trainer, guard = run_monitored(tmp_path, epochs=2, poison_iteration=3, weight_norms=weight_norms)
     rows = list(csv.DictReader((tmp_path / "log.csv").open()))
     assert [int(r["iteration"]) for r in rows] == list(range(1, 9))
     assert [r["event"] for r in rows] == ["", "", "grad", "", "", "", "", ""]
     assert int(rows[-1]["skipped_steps"]) == 1 == guard.counters["skipped_steps"]
-    assert all(float(r["weight_norm"]) > 0 and float(r["lr"]) == 0.01 for r in rows)
+    assert [float(r["weight_norm"]) for r in rows] == pytest.approx(weight_norms, rel=1e-6)
+    assert weight_norms[3] == weight_norms[2] != weight_norms[1]  # the skipped step 3 left the weights alone
+    assert all(float(r["lr"]) == 0.01 and float(r["amp_scale"]) == 1.0 for r in rows)
     assert math.isnan(float(rows[0]["update_ratio"])) and float(rows[-1]["update_ratio"]) > 0
     assert float(rows[-1]["grad_norm"]) == trainer.state.output["grad_norm"]
     tb = EventAccumulator(str(tmp_path / "tb"))
