@@ -37,7 +37,7 @@ from scripts.distributed import is_rank0
 from scripts.json_io import write_json
 from scripts.quarantine import Quarantine, image_path
 
-__all__ = ["DataReport", "check_datalist", "default_loader", "load_datalist", "run_check_data", "screen_datalists"]
+__all__ = ["DataReport", "check_datalist", "load_datalist", "run_check_data", "screen_datalists"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,26 +53,6 @@ class DatalistError(ValueError):
     def __init__(self, path: str, code: str, detail: str) -> None:
         super().__init__(f"datalist {path}: {detail}")
         self.code, self.detail = code, detail
-
-
-def default_loader() -> Callable[[dict], dict]:
-    """The training loading and coordinate path, before intensity scaling: image (C, x, y, z) in RAS, boxes in image
-    coordinates (``xyzxyz``) mapped from LPS world ``cccwhd`` through the image's affine."""
-    from monai.apps.detection.transforms.dictionary import AffineBoxToImageCoordinated, ConvertBoxToStandardModed
-    from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, Orientationd
-
-    return Compose(
-        [
-            LoadImaged(keys="image", image_only=True),  # a MetaTensor: its .meta["affine"] follows Orientationd
-            EnsureChannelFirstd(keys="image"),
-            EnsureTyped(keys=["image", "box"]),
-            Orientationd(keys="image", axcodes="RAS"),
-            ConvertBoxToStandardModed(box_keys="box", mode="cccwhd"),
-            AffineBoxToImageCoordinated(
-                box_keys="box", box_ref_image_keys="image", image_meta_key_postfix="meta_dict", affine_lps_to_ras=True
-            ),
-        ]
-    )
 
 
 def load_datalist(data_list_file_path: str) -> Any:
@@ -425,7 +405,7 @@ def _check_file(
 def check_datalist(
     data_list_file_path: str,
     dataset_dir: str,
-    loader: Callable[[dict], dict] | None,
+    loader: Callable[[dict], dict],
     patch_size: Sequence[int] | None,
     num_classes: int = 1,
     intensity_range: Sequence[float] | None = (-1100, 3100),
@@ -440,8 +420,8 @@ def check_datalist(
     Args:
         data_list_file_path: datalist JSON (model-zoo / LUNA16 format).
         dataset_dir: folder that relative ``image`` paths are relative to.
-        loader: the training loading path up to (not including) intensity scaling, see `default_loader` (``None``:
-            `default_loader()`).
+        loader: the training loading and coordinate path up to (not including) intensity scaling: train.json's
+            ``loader`` (image (C, x, y, z) in RAS, boxes ``xyzxyz`` in image coordinates).
         patch_size: training patch size; smaller volumes get a ``small_volume`` warning (``None``: no check).
         num_classes: labels must lie in ``[0, num_classes)``.
         intensity_range: plausible HU range; voxels outside give a warning (``None``: no check).
@@ -476,7 +456,6 @@ def check_datalist(
                     section, None, "", "error" if required else "warning", "empty_section", f'"{section}" is empty'
                 )
             todo.append((section, datalist[section]))
-    loader = loader if loader is not None else default_loader()
     seen: dict[str, tuple[str, int]] = {}
     total = sum(len(items) for _, items in todo)
     with tqdm(total=total, desc="data check", unit="case", disable=not progress) as bar:
@@ -523,7 +502,7 @@ def run_check_data(
     data_list_file_path: str,
     dataset_dir: str,
     output_dir: str,
-    loader: Callable[[dict], dict] | None = None,
+    loader: Callable[[dict], dict],
     patch_size: Sequence[int] | None = (192, 192, 80),
     num_classes: int = 1,
     **kwargs: Any,
@@ -555,7 +534,7 @@ def screen_datalists(
     policy: str,
     data_list_file_path: str,
     dataset_dir: str,
-    loader: Callable[[dict], dict] | None,
+    loader: Callable[[dict], dict],
     patch_size: Sequence[int] | None,
     output_dir: str,
     quarantine: Quarantine | None = None,

@@ -11,8 +11,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from bundle_helpers import parse
 
-from scripts.data_check import DataReport, check_datalist, default_loader, run_check_data, screen_datalists
+from scripts.data_check import DataReport, check_datalist, run_check_data, screen_datalists
 from scripts.quarantine import Quarantine
 
 SPACING = (0.703125, 0.703125, 1.25)
@@ -20,7 +21,7 @@ AFFINE = np.diag([*SPACING, 1.0])
 AFFINE[:3, 3] = [-14.0, 20.0, -30.0]
 SHAPE = (40, 40, 24)
 PATCH = (32, 32, 16)
-LOADER = default_loader()
+LOADER = parse("train.json").get_parsed_content("loader")  # the bundle's own loading and coordinate path
 
 
 def world_box(centre: tuple[float, ...], size: tuple[float, ...], affine: np.ndarray = AFFINE) -> list[float]:
@@ -330,7 +331,7 @@ def mixed_datalist(tmp_path: Path) -> tuple[Path, dict[str, list[str]]]:
 def test_run_check_data_bad(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     datalist, bad = mixed_datalist(tmp_path)
     with pytest.raises(SystemExit) as e:
-        run_check_data(str(datalist), str(tmp_path), str(tmp_path / "out"), patch_size=PATCH, progress=False)
+        run_check_data(str(datalist), str(tmp_path), str(tmp_path / "out"), LOADER, PATCH, progress=False)
     assert e.value.code not in (0, None) and "data check failed" in str(e.value.code)
     report = json.loads((tmp_path / "out" / "data_check.json").read_text())
     assert not report["ok"] and report["errors"] == 4
@@ -347,7 +348,7 @@ def test_run_check_data_bad(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
 def test_run_check_data_good(tmp_path: Path) -> None:
     write_volume(tmp_path / "a.nii.gz")
     datalist = write_datalist(tmp_path / "datalist.json", [item("a.nii.gz")], [])
-    report = run_check_data(str(datalist), str(tmp_path), str(tmp_path / "out"), patch_size=PATCH, progress=False)
+    report = run_check_data(str(datalist), str(tmp_path), str(tmp_path / "out"), LOADER, PATCH, progress=False)
     assert report.ok and json.loads((tmp_path / "out" / "data_check.json").read_text())["ok"]
 
 
