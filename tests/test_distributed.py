@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -59,3 +60,22 @@ def test_bundle_multi_gpu_config_runs(tmp_path):
     assert (tmp_path / "eval" / "guard_report.json").exists()
     state = torch.load(tmp_path / "models" / "model.pt")
     assert not any(k.startswith("module.") for k in state)
+
+
+def test_multi_gpu_config_disables_exactly_the_rank0_writers():
+    # multi_gpu_train.json disables handlers by their position in train.json's lists (the model zoo's way): a
+    # reordered list would silently let every rank write logs and checkpoints, or silence rank 0
+    from bundle_helpers import config, parse
+
+    train = parse("train.json")
+    with open(config("multi_gpu_train.json")) as f:
+        disabled = [k.removesuffix("#_disabled_") for k in json.load(f) if k.endswith("#_disabled_")]
+    targets = {k: train[f"{k}#_target_"] for k in disabled if "#handlers#" in k}
+    assert targets == {
+        "train#handlers#3": "StatsHandler",
+        "train#handlers#4": "TensorBoardStatsHandler",
+        "validate#handlers#0": "StatsHandler",
+        "validate#handlers#1": "TensorBoardStatsHandler",
+        "validate#handlers#2": "CheckpointSaver",
+    }
+    assert "train#checkpointer" in disabled
