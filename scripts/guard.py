@@ -188,12 +188,12 @@ class NaNGuard:
         self.scaler = getattr(engine, "scaler", None)
         self.snapshot = _to_host(
             {
-                "network": network_state if network_state is not None else self.network.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             }
         )
+        self.snapshot["network"] = network_state if network_state is not None else _to_host(self.network.state_dict())
         self.snapshot_iteration = engine.state.iteration
         self.snapshot_lr_scale = self.lr_scale
         self.steps_since_snapshot = 0
