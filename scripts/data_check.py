@@ -328,10 +328,11 @@ def _check_file(
         report.add(section, index, path, "error", "missing_file", "file does not exist")
         return
     header_affine = _header_affine(path)
-    if header_affine is not None and _affine_problem(header_affine):
+    why = _affine_problem(header_affine) if header_affine is not None else ""
+    if why:
         report.add(
             section, index, path, "error", "degenerate_affine",
-            f"affine in the NIfTI header {_affine_problem(header_affine)}: {header_affine[:3].tolist()}",
+            f"affine in the NIfTI header {why}: {header_affine[:3].tolist()}",
         )  # fmt: skip
         return  # the reader would substitute an affine of its own, so boxes cannot be placed
     sample = {
@@ -614,14 +615,9 @@ def screen_datalists(
                 logger.warning(f"data check: dropped {section}[{index}] {image or '(no image)'}: {reasons}")
             problems = {f["problem"] for f in found}
             if section == "training" and quarantine is not None and image and problems != {"duplicate_image"}:
-                save = quarantine.save_enabled
-                quarantine.save_enabled = save and rank0
-                try:
-                    quarantine.add(
-                        image, "; ".join(sorted(problems)), source="data_check", problems=sorted(problems), index=index
-                    )
-                finally:
-                    quarantine.save_enabled = save
+                quarantine.add(
+                    image, "; ".join(sorted(problems)), source="data_check", problems=sorted(problems), index=index
+                )
         out[section] = resolved(section, drop)
     if not out.get(sections[0]):
         raise SystemExit(

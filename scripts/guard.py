@@ -175,7 +175,6 @@ class NaNGuard:
         if not self.enabled:
             return
         self.write_files = is_rank0()
-        self.quarantine.save_enabled = self.quarantine.save_enabled and self.write_files
         engine.add_event_handler(Events.ITERATION_STARTED, self.iteration_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
         engine.add_event_handler(Events.COMPLETED, self.completed)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
-from scripts.distributed import is_distributed
+from scripts.distributed import is_distributed, is_rank0
 from scripts.json_io import write_json
 
 __all__ = ["Quarantine", "QuarantineSampler", "image_path"]
@@ -40,7 +40,7 @@ class Quarantine:
 
     Args:
         path: JSON file the list is written to after every change (``None``: keep it in memory only).
-        save: whether this process writes the file (set ``False`` on every rank but 0 under DDP).
+        save: whether the file is written at all (under DDP only rank 0 writes it).
     """
 
     def __init__(self, path: str | None = None, save: bool = True) -> None:
@@ -69,8 +69,8 @@ class Quarantine:
         return [d for d in datalist if d not in self]
 
     def save(self) -> None:
-        """Write the list to ``path`` atomically."""
-        if not (self.path and self.save_enabled):
+        """Write the list to ``path`` atomically (rank 0 only)."""
+        if not (self.path and self.save_enabled and is_rank0()):
             return
         write_json(self.path, {"quarantined": [{"image": k, **v} for k, v in self.entries.items()]})
 

@@ -370,6 +370,7 @@ def test_screen_exclude(tmp_path: Path) -> None:
 def test_screen_exclude_every_rank_same_lists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     datalist, bad = mixed_datalist(tmp_path)
     monkeypatch.setattr("scripts.data_check.is_rank0", lambda: False)
+    monkeypatch.setattr("scripts.quarantine.is_rank0", lambda: False)  # the quarantine file is rank 0's to write
     quarantine = Quarantine(str(tmp_path / "q.json"))
     lists = screen_datalists(
         "exclude", str(datalist), str(tmp_path), LOADER, PATCH, str(tmp_path / "out"), quarantine, progress=False
