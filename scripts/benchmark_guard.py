@@ -18,7 +18,8 @@ import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
-from scripts.guard import NaNGuard
+from scripts.guard import StabilityGuard
+from scripts.schedule import WarmupDecayLR
 from scripts.trainer import StabilisedDetectionTrainer
 
 
@@ -46,7 +47,7 @@ def make_batches(n: int, patch: list[int], batch_size: int, seed: int = 0) -> li
 
 def build(
     parser: ConfigParser, guarded: bool, state: dict | None
-) -> tuple[StabilisedDetectionTrainer, NaNGuard | None]:
+) -> tuple[StabilisedDetectionTrainer, StabilityGuard | None]:
     """A trainer over a fresh copy of the configured detector (same initial weights for both arms)."""
     parser.parse(reset=True)
     detector = parser.get_parsed_content("detector")
@@ -54,21 +55,30 @@ def build(
     if state is not None:
         detector.network.load_state_dict(state)
     optimizer = torch.optim.SGD(detector.network.parameters(), lr=parser["learning_rate"], momentum=0.9, nesterov=True)
+    device = parser.get_parsed_content("device")
+    amp = parser.get_parsed_content("amp")
+    scaler = torch.amp.GradScaler("cuda") if amp and torch.device(device).type == "cuda" else None
     trainer = StabilisedDetectionTrainer(
-        parser.get_parsed_content("device"),
+        device,
         1,
         [],
         detector,
         optimizer,
         grad_clip_norm=parser.get_parsed_content("grad_clip_norm") if guarded else None,
         skip_nonfinite=guarded,
-        amp=parser.get_parsed_content("amp"),
+        amp=amp,
+        scaler=scaler,
     )
-    guard = NaNGuard(detector.network, optimizer, snapshot_every=parser["guard"]["snapshot_every"]) if guarded else None
+    guard = None
+    if guarded:
+        # the per-iteration work only: LR searches are one-off costs of a run, measured apart (docs/benchmark.md)
+        scheduler = WarmupDecayLR(optimizer, warmup_iters=0, total_iters=1)
+        every = parser["guard"]["snapshot_every"]
+        guard = StabilityGuard(detector.network, optimizer, scheduler, scaler, lr_search=False, snapshot_every=every)
     return trainer, guard
 
 
-def step(trainer: StabilisedDetectionTrainer, guard: NaNGuard | None, batch: list) -> float:
+def step(trainer: StabilisedDetectionTrainer, guard: StabilityGuard | None, batch: list) -> float:
     """Time one iteration, including the guard's handlers where it is on."""
     start = time.perf_counter()
     trainer.state.iteration += 1

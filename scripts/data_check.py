@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from scripts.distributed import is_rank0
 from scripts.json_io import write_json
 from scripts.quarantine import Quarantine, image_path
 
@@ -492,10 +491,12 @@ def check_datalist(
     return report
 
 
-def _write_report(report: DataReport, output_dir: str) -> str:
+def _write_report(report: DataReport, output_dir: str | None) -> str | None:
+    """Write the report to ``output_dir`` (``None``: nowhere, as on DDP ranks other than 0)."""
+    if output_dir is None:
+        return None
     path = os.path.join(os.path.abspath(str(output_dir)), REPORT_NAME)
-    if is_rank0():
-        report.to_json(path)
+    report.to_json(path)
     return path
 
 
@@ -516,7 +517,7 @@ def run_check_data(
         data_list_file_path, dataset_dir, loader, patch_size, num_classes, kwargs: as `check_datalist`.
         output_dir: folder of the JSON report.
     """
-    rank0 = is_rank0()
+    rank0 = output_dir is not None
     kwargs.setdefault("progress", rank0)
     report = check_datalist(data_list_file_path, dataset_dir, loader, patch_size, num_classes, **kwargs)
     path = _write_report(report, output_dir)
@@ -562,7 +563,7 @@ def screen_datalists(
     if policy not in POLICIES:
         raise ValueError(f"data_check must be one of {POLICIES}, got {policy!r}")
     sections = tuple(kwargs.pop("sections", ("training", "validation")))
-    rank0 = is_rank0()
+    rank0 = output_dir is not None
     try:
         datalist = load_datalist(data_list_file_path)
     except DatalistError as e:

@@ -14,7 +14,7 @@ from monai.apps.detection.metrics.coco import COCOMetric
 from monai.utils import convert_to_numpy
 
 from scripts.coco_metric import coco_results
-from scripts.distributed import gather_lists, is_rank0
+from scripts.distributed import gather_lists
 from scripts.froc import LUNA16_FP_RATES, froc
 from scripts.json_io import write_json
 
@@ -85,11 +85,11 @@ class EvaluationReport:
     """
     Collects per-image predictions and targets of an evaluator run; at the end of the epoch computes MONAI's
     `COCOMetric` and the LUNA16 FROC (`scripts.froc.froc`), writes ``metrics.json``, ``metrics.csv`` and
-    ``froc.png`` to ``output_dir`` and logs a summary. Under DDP the records of all ranks are gathered and rank 0
-    writes.
+    ``froc.png`` to ``output_dir`` and logs a summary. Under DDP the records of all ranks are gathered and the
+    rank given an ``output_dir`` writes.
 
     Args:
-        output_dir: folder of the report files (created if missing).
+        output_dir: folder of the report files (created if missing; ``None``: compute, write nothing).
         coco_metric: the configured `COCOMetric` (classes, IoU list and range, max detections).
         fp_rates: false positives per scan at which the FROC sensitivity is read.
         iou_threshold: box IoU from which a prediction hits a nodule (FROC).
@@ -102,7 +102,7 @@ class EvaluationReport:
 
     def __init__(
         self,
-        output_dir: str,
+        output_dir: str | None,
         coco_metric: COCOMetric,
         fp_rates: Sequence[float] = LUNA16_FP_RATES,
         iou_threshold: float = 0.1,
@@ -150,7 +150,7 @@ class EvaluationReport:
             ),
             **self.extra,
         }
-        if not is_rank0():
+        if self.output_dir is None:  # another DDP rank than 0: gathered, computed, not written
             return self.metrics
         os.makedirs(self.output_dir, exist_ok=True)
         write_json(os.path.join(self.output_dir, f"{self.prefix}.json"), self.metrics)

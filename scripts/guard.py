@@ -1,8 +1,11 @@
-"""The NaN guard: the policy that turns non-finite training events into skips, rollbacks, LR backoff, quarantine
-and, when recovery is hopeless, a clean stop with a report.
+"""The stability guard: the policy that turns what the trainer reports into skips, rollbacks, learning-rate
+searches, quarantine and, when recovery is hopeless or the detector learned nothing, a clean stop with a report.
 
-Ignite's `TerminateOnNan` only stops a run and AMP's GradScaler only skips fp16 overflow steps; nothing in
-MONAI, ignite or torch restores a last good state and carries on, hence this handler.
+Ignite's `TerminateOnNan` only stops a run and AMP's GradScaler only skips fp16 overflow steps; nothing in MONAI,
+ignite or torch restores a last good state, finds a learning rate that works from it and carries on, hence this
+handler. Its parts are modules of their own: `Snapshot` (the last good state), `LRControl` (the schedule's
+multiplier), `search_lr` (paired LR trials), `LearningSignal` (is the detector still learning), `FileBlame` (which
+files to quarantine) and `GuardLog` (events, report, checkpoint).
 """
 
 from __future__ import annotations
@@ -10,431 +13,471 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
-import time
+import statistics
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 
-from scripts.distributed import gather_lists, is_rank0
-from scripts.json_io import write_json
+from scripts.blame import FileBlame
+from scripts.guard_log import GuardEvent, GuardLog
+from scripts.learning_signal import LearningSignal
+from scripts.lr_control import LRControl
+from scripts.lr_search import SearchResult, TrialRunner, search_lr
 from scripts.quarantine import Quarantine
+from scripts.snapshot import Snapshot, weights_finite
+from scripts.step_report import StepReport
 
-__all__ = ["NaNGuard", "scale_lr", "GuardStopped"]
+__all__ = ["GuardStopped", "StabilityGuard"]
 
 logger = logging.getLogger(__name__)
 
+COUNTERS = ("events", "skipped_steps", "rollbacks", "amp_overflows", "weights_nonfinite", "lr_searches", "stalls")
+SEARCH_STEP = 10**-0.5  # candidate LRs a factor sqrt(10) apart, walking down
+
 
 class GuardStopped(SystemExit):
-    """Raised by `NaNGuard.raise_if_stopped` after a clean stop: a non-zero exit with one clear message."""
+    """Raised by `StabilityGuard.raise_if_failed`: a non-zero exit with one clear message."""
 
 
-def _to_host(obj: Any) -> Any:
-    """A deep copy of a (nested) state dict with every tensor cloned to host memory."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _to_host(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_host(v) for v in obj)
-    return copy.deepcopy(obj)
-
-
-def scale_lr(optimizer: torch.optim.Optimizer, lr_scheduler: Any, factor: float) -> None:
-    """Multiply the learning rate by ``factor`` for good: in the optimiser and in every (chained) scheduler."""
-    for group in optimizer.param_groups:
-        group["lr"] *= factor
-        if "initial_lr" in group:
-            group["initial_lr"] *= factor
-    schedulers = [lr_scheduler, *getattr(lr_scheduler, "_schedulers", [])] if lr_scheduler is not None else []
-    for sched in schedulers:
-        if hasattr(sched, "base_lrs"):
-            sched.base_lrs = [b * factor for b in sched.base_lrs]
-        if hasattr(sched, "eta_min"):
-            sched.eta_min *= factor
-        if hasattr(sched, "_last_lr"):
-            sched._last_lr = [g["lr"] for g in optimizer.param_groups]
-
-
-def _weights_finite(network: torch.nn.Module) -> bool:
-    """Whether every floating-point parameter and buffer of ``network`` is finite (one host sync)."""
-    tensors = [*network.parameters(), *network.buffers()]
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors if t.is_floating_point()]).all())
-
-
-class NaNGuard:
+class StabilityGuard:
     """
-    Owns the stability policy of a `StabilisedDetectionTrainer` (which refuses non-finite steps and reports them in
-    ``engine.state.output["event"]``):
+    Keeps a training run stable and makes sure it ends with a detector that learned, or says why not.
 
-    - keeps a last-good snapshot (network, optimiser, GradScaler, LR scheduler) in host memory, refreshed every
-      ``snapshot_every`` iterations while training is healthy: no event in the window, finite weights, and a mean
-      loss no more than ``max_loss_growth`` times that of the previous snapshot's window;
-    - at each refresh measures the update ratio, how far the weights moved since the snapshot relative to their
-      norm, per optimiser step: ``||w - w_snapshot|| / ||w_snapshot|| / steps``. An LR ten times too high moves
-      them by several percent per step while loss and gradients stay finite (healthy runs measured 5e-4 to 3e-3),
-      so a ratio above ``max_update_ratio`` is an ``update`` event that rolls back at once;
-    - after ``patience`` consecutive events, or at once when the weights are non-finite, restores the snapshot
-      and multiplies the LR by ``lr_backoff``;
-    - records every event (iteration, epoch, kind, loss parts, grad norm, LR, files) and quarantines an image
-      file after ``quarantine_after`` events in which it took part: at once for non-finite voxels, otherwise only
-      if, seen at least 4 times, it failed in at least 3/4 of its iterations and twice as often as the iterations
-      without it (so an LR blow-up, which fails every file alike, quarantines none);
-    - after ``max_rollbacks`` rollbacks, restores the snapshot, saves it to ``ckpt_path``, writes the report and
-      terminates the engine; `raise_if_stopped` then exits non-zero with one message;
-    - under AMP, an fp16 overflow that the GradScaler absorbs is counted, not escalated, unless it repeats
-      ``amp_overflow_patience`` times in a row.
+    - An event the trainer reports (non-finite input, logits, loss or gradient, or a loss spike above
+      ``max_loss_growth`` times the median of the recent losses) skips the step. Non-finite input blames its files
+      (they are quarantined) and nothing else. ``patience`` other events in a row, non-finite weights, or weights
+      that moved more than ``max_update_ratio`` of their norm per step, roll back to the last good snapshot.
+    - After a rollback, candidate LRs from the one that failed downwards are tried from the snapshot on the same
+      recent batches (`search_lr`), and the largest whose trial loss is within ``search_margin`` of the best is
+      kept: a fault that does not reproduce keeps the LR. The LR is never grown back above a level that failed.
+      When the search cannot tell (every LR fails), the LR is multiplied by ``lr_backoff``.
+    - When the warm-up ends, the same search checks the LR the run reached against smaller ones; every
+      ``growth_interval`` healthy iterations a backed-off LR is checked against one step higher.
+    - The snapshot is refreshed every ``snapshot_every`` steps while the window had no event, the loss did not grow
+      ``max_loss_growth`` times and the detector's score gap did not collapse (`LearningSignal`). A gap collapsed
+      for ``stall_windows`` windows is a stall: LRs are searched from the snapshot, and a smaller LR that works
+      better rolls the run back to it.
+    - After ``max_rollbacks`` rollbacks, or ``max_refused_in_a_row`` refused steps in a row from the last good
+      state, the run stops: the snapshot is restored and saved, the report written, and `raise_if_failed` exits
+      non-zero. A run whose best validation metric stayed at or below ``min_val_metric`` ends the same way.
 
-    Its counters, LR scale, event log and file statistics are in `state_dict` (saved with the checkpoint).
+    Its counters, ceiling, learning signal, event log and file statistics are in `state_dict`.
 
     Args:
         network: the trained network.
         optimizer: its optimiser.
-        lr_scheduler: the LR scheduler (or ``None``).
-        enabled: ``False`` attaches nothing (the trainer then behaves like the model-zoo trainer).
-        patience: consecutive events that trigger a rollback.
-        lr_backoff: LR factor applied at each rollback.
+        lr_scheduler: a `scripts.schedule.WarmupDecayLR` (the guard scales its multiplier).
+        scaler: the GradScaler of fp16 training, if any.
+        enabled: ``False`` attaches nothing.
+        patience: consecutive refused steps that roll back.
+        lr_backoff: LR factor when a search cannot tell which LR works.
         max_rollbacks: rollbacks allowed before the run is stopped.
-        snapshot_every: iterations between snapshot refreshes.
-        quarantine_after: events a file must take part in before it is quarantined (0 disables quarantine).
-        max_loss_growth: a loss above this factor times the median of the last ``snapshot_every`` healthy losses
-            (at least 1) is refused as a ``loss`` event, and a window whose mean loss grew more than this factor
-            is not snapshotted.
-        max_update_ratio: the update ratio above which the run rolls back (0 disables the check).
-        amp_overflow_patience: consecutive AMP overflows counted as one grad event.
-        quarantine: the shared quarantine record (data QA writes to it as well).
-        report_path: JSON report written at the end of the run (or at the stop).
-        ckpt_path: where the last good state is saved when the run is stopped.
-        max_logged_events: events kept in the report (the counters count them all).
+        max_refused_in_a_row: refused steps in a row, with no step applied since the last good state, that stop the run.
+        snapshot_every: steps per window (snapshot refresh, update ratio, learning signal).
+        quarantine_after: events a file must take part in before it is quarantined (0: never).
+        max_loss_growth: the loss-spike factor, for single steps and for window means.
+        max_update_ratio: the update ratio per step above which the run rolls back (0: no check).
+        amp_overflow_patience: consecutive fp16 overflows the GradScaler absorbs before they count as an event.
+        lr_search: search the LR after rollbacks, at the end of the warm-up, on stalls and for growth (``False``:
+            back off by ``lr_backoff`` and never grow).
+        search_iters: steps per trial of the search (the last that many batches are kept for it).
+        search_margin: how much more trial loss than the best LR the chosen (largest) LR may have, as a fraction.
+        growth_interval: healthy iterations after an LR change before a backed-off LR is tried one step higher.
+        stall_windows: windows of collapsed score gap that make a stall.
+        min_val_metric: the best validation metric must exceed this for the run to count as learned (``None``: no
+            check).
+        validator: the evaluator whose ``best_metric`` tells whether the detector learned (``None``: not checked).
+        quarantine: the shared record of bad files.
+        report_path: JSON report (``None``: none).
+        ckpt_path: where the last good state is saved when the run stops (``None``: nowhere).
+        output_transform: maps ``engine.state.output`` to the trainer's `StepReport`.
     """
 
     def __init__(
         self,
         network: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        lr_scheduler: Any = None,
+        lr_scheduler: Any,
+        scaler: torch.amp.GradScaler | None = None,
         enabled: bool = True,
         patience: int = 3,
         lr_backoff: float = 0.1,
         max_rollbacks: int = 8,
+        max_refused_in_a_row: int = 100,
         snapshot_every: int = 10,
         quarantine_after: int = 2,
         max_loss_growth: float = 10.0,
         max_update_ratio: float = 0.02,
         amp_overflow_patience: int = 20,
+        lr_search: bool = True,
+        search_iters: int = 16,
+        search_margin: float = 0.25,
+        growth_interval: int = 200,
+        stall_windows: int = 5,
+        min_val_metric: float | None = 0.01,
+        validator: Engine | None = None,
         quarantine: Quarantine | None = None,
         report_path: str | None = None,
         ckpt_path: str | None = None,
-        max_logged_events: int = 1000,
+        output_transform: Callable[[Any], StepReport] = lambda x: x,
     ) -> None:
-        self.network = network
-        self.optimizer = optimizer
-        self.lr_scheduler = lr_scheduler
-        self.enabled = enabled
-        self.patience = patience
-        self.lr_backoff = lr_backoff
-        self.max_rollbacks = max_rollbacks
-        self.snapshot_every = snapshot_every
-        self.quarantine_after = quarantine_after
-        self.max_loss_growth = max_loss_growth
-        self.max_update_ratio = max_update_ratio
-        self.amp_overflow_patience = amp_overflow_patience
+        self.network, self.optimizer, self.enabled = network, optimizer, enabled
+        self.patience, self.lr_backoff, self.max_rollbacks = patience, lr_backoff, max_rollbacks
+        self.max_refused_in_a_row, self.snapshot_every = max_refused_in_a_row, snapshot_every
+        self.max_loss_growth, self.max_update_ratio = max_loss_growth, max_update_ratio
+        self.amp_overflow_patience, self.lr_search = amp_overflow_patience, lr_search
+        self.search_iters, self.search_margin, self.growth_interval = search_iters, search_margin, growth_interval
+        self.min_val_metric, self.validator, self.output_transform = min_val_metric, validator, output_transform
+        self.snapshot = Snapshot(network, optimizer, scaler, lr_scheduler)
+        self.lr = LRControl(lr_scheduler)
+        self.blame = FileBlame(quarantine_after)
+        self.learning = LearningSignal(patience=stall_windows)
+        self.log = GuardLog(report_path, ckpt_path)
         self.quarantine = quarantine if quarantine is not None else Quarantine()
-        self.report_path = report_path
-        self.ckpt_path = ckpt_path
-        self.max_logged_events = max_logged_events
-        self.write_files = True  # False on DDP ranks other than 0
-        self.scaler: torch.amp.GradScaler | None = None
-        self.snapshot: dict[str, Any] | None = None
-        self.stop_message: str | None = None
-        self._window: list[float] = []
-        self._recent: deque[float] = deque(maxlen=snapshot_every)  # losses of the last stepped iterations
-        self._window_clean = True
-        self.reset()
-
-    def reset(self) -> None:
-        """Clear the counters and the event log."""
-        self.counters = {"events": 0, "skipped_steps": 0, "rollbacks": 0, "amp_overflows": 0, "weights_nonfinite": 0}
-        self.consecutive = 0
-        self.consecutive_amp = 0
-        self.lr_scale = 1.0
-        self.events: list[dict[str, Any]] = []
-        self.file_stats: dict[str, list[int]] = {}  # file -> [events, times seen]
-        self.iterations = 0
-        self.snapshot_iteration = 0
-        self.snapshot_lr_scale = 1.0
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.status, self.message = "running", None
+        self.consecutive = self.consecutive_amp = self.steps_since_restore = self.steps_since_snapshot = 0
+        self.recent: deque[float] = deque(maxlen=snapshot_every)  # losses of the last applied steps
+        self.batches: deque[Any] = deque(maxlen=search_iters)  # the last batches whose step was applied
+        self.window: list[StepReport] = []
+        self.window_clean = True
         self.snapshot_loss: float | None = None
-        self.steps_since_snapshot = 0
-        self.update_ratio = math.nan  # the last measured one
-        self.status = "running"
+        self.update_ratio = math.nan
+        self.anchor: Snapshot | None = None  # the run's first state, until its LR has been checked
+        self.lr_checked = False
+        self.last_lr_change = 0
 
     def attach(self, engine: Engine) -> None:
-        """Register the guard with the trainer (nothing when disabled)."""
+        """Register with the trainer (nothing when disabled)."""
         if not self.enabled:
             return
-        self.write_files = is_rank0()
         engine.add_event_handler(Events.ITERATION_STARTED, self.iteration_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
         engine.add_event_handler(Events.COMPLETED, self.completed)
         engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
-        engine.state.guard = self
-
-    # ---------------------------------------------------------------- snapshots
-    def take_snapshot(self, engine: Engine, network_state: dict[str, torch.Tensor] | None = None) -> None:
-        """Copy network (unless its host copy is given), optimiser, scaler and scheduler state to host memory."""
-        self.scaler = getattr(engine, "scaler", None)
-        self.snapshot = _to_host(
-            {
-                "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
-            }
-        )
-        self.snapshot["network"] = network_state if network_state is not None else _to_host(self.network.state_dict())
-        self.snapshot_iteration = engine.state.iteration
-        self.snapshot_lr_scale = self.lr_scale
-        self.steps_since_snapshot = 0
-
-    def restore_snapshot(self) -> None:
-        """Load the last good state back (exactly: parameters, buffers, optimiser, scaler, scheduler)."""
-        assert self.snapshot is not None, "no snapshot to restore"
-        self.network.load_state_dict(self.snapshot["network"])
-        self.optimizer.load_state_dict(copy.deepcopy(self.snapshot["optimizer"]))
-        if self.scaler is not None and self.snapshot["scaler"] is not None:
-            self.scaler.load_state_dict(self.snapshot["scaler"])
-        if self.lr_scheduler is not None and self.snapshot["lr_scheduler"] is not None:
-            self.lr_scheduler.load_state_dict(copy.deepcopy(self.snapshot["lr_scheduler"]))
-        self.steps_since_snapshot = 0
 
     def iteration_started(self, engine: Engine) -> None:
         """Take the first snapshot, and give the trainer this iteration's loss-spike limit."""
-        if self.snapshot is None:
-            self.take_snapshot(engine)
-        # a loss spike (``max_loss_growth`` times the median of the recent healthy losses, at least 1) is refused
-        recent = sorted(self._recent)
-        engine.loss_limit = self.max_loss_growth * max(recent[len(recent) // 2], 1.0) if recent else math.inf
+        if self.snapshot.state is None:
+            self.snapshot.take(engine.state.iteration - 1)  # the state after that many iterations
+            # a shallow copy shares the state taken now; `take` replaces, never mutates it
+            self.anchor = None if self.lr_checked else copy.copy(self.snapshot)
+        median = statistics.median(self.recent) if self.recent else math.inf
+        engine.set_loss_limit(self.max_loss_growth * max(median, 1.0))
 
-    def _update_ratio(self, network_state: dict[str, torch.Tensor]) -> float:
-        """``||w - w_snapshot|| / ||w_snapshot||`` over the trained parameters, per step since the snapshot."""
-        assert self.snapshot is not None
-        old = self.snapshot["network"]
-        names = [n for n, p in self.network.named_parameters() if p.requires_grad]
-        moved = torch.nn.utils.get_total_norm([network_state[n].float() - old[n].float() for n in names])
-        norm = torch.nn.utils.get_total_norm([old[n].float() for n in names])
-        return float(moved / norm.clamp_min(1e-12)) / max(self.steps_since_snapshot, 1)
-
-    def _maybe_refresh_snapshot(self, engine: Engine, out: dict[str, Any]) -> None:
-        self._window.append(out["loss"])
-        if len(self._window) < self.snapshot_every:
-            return
-        mean = sum(self._window) / len(self._window)
-        healthy = self._window_clean and math.isfinite(mean)
-        if healthy and self.snapshot_loss is not None:
-            healthy = mean <= self.max_loss_growth * max(self.snapshot_loss, 1e-8)
-        self._window, self._window_clean = [], True
-        if not _weights_finite(self.network):
-            return
-        network_state = _to_host(self.network.state_dict())
-        self.update_ratio = self._update_ratio(network_state)
-        if self.max_update_ratio and self.update_ratio > self.max_update_ratio:
-            self.counters["events"] += 1
-            self._record(engine, "update", out)
-            self._rollback(
-                engine,
-                f"the weights moved {self.update_ratio:.2g} of their norm per step over the last "
-                f"{self.steps_since_snapshot} steps (max_update_ratio {self.max_update_ratio:.2g})",
-            )
-        elif healthy:
-            self.take_snapshot(engine, network_state)
-            self.snapshot_loss = mean
-
-    # ---------------------------------------------------------------- the policy
     def iteration_completed(self, engine: Engine) -> None:
         """Act on the trainer's report of the iteration."""
-        out = engine.state.output
-        files = [os.path.abspath(f) for f in out.get("files", []) if f]
-        self.iterations += 1
-        for f in set(files):
-            self.file_stats.setdefault(f, [0, 0])[1] += 1
-        event = out.get("event")
-        if event is None:
-            self.consecutive = 0
-            self.consecutive_amp = 0
-            self.steps_since_snapshot += 1
-            self._recent.append(out["loss"])
-            self._maybe_refresh_snapshot(engine, out)
-            return
+        report = self.output_transform(engine.state.output)
+        self.blame.seen(report.files)
+        if report.stepped:
+            self._stepped(engine, report)
+        else:
+            self._refused(engine, report)
+
+    # ------------------------------------------------------------------------------------------------ the policy
+    def _refused(self, engine: Engine, report: StepReport) -> None:
         self.counters["skipped_steps"] += 1
-        self._window_clean = False
-        if out.get("amp_overflow"):
+        self.window_clean = False
+        if report.amp_overflow:
             self.counters["amp_overflows"] += 1
             self.consecutive_amp += 1
             if self.consecutive_amp < self.amp_overflow_patience:
                 return
         self.counters["events"] += 1
+        if report.event == "input":  # the file is at fault, not the training state
+            self._record(engine, "input", report, "step skipped", "non-finite input")
+            return
         self.consecutive += 1
-        weights_ok = _weights_finite(self.network)
-        kind = event if weights_ok else "weights"
-        self._record(engine, kind, out)
-        if not weights_ok:
+        if not weights_finite(self.network):
             self.counters["weights_nonfinite"] += 1
-            self._rollback(engine, "the weights became non-finite")
-        elif self.consecutive >= self.patience:
-            self._rollback(engine, f"{self.consecutive} consecutive refused steps")
+            self._record(engine, "weights", report, "rolling back", "non-finite weights")
+            self._recover(engine, "the weights became non-finite")
+            return
+        what = f"loss spike (above {engine.loss_limit:.3g})" if math.isfinite(report.loss) else None
+        self._record(engine, report.event, report, "step skipped", what or f"non-finite {report.event}")
+        if self.consecutive >= self.patience and self.steps_since_restore > 0:
+            self._recover(engine, f"{self.consecutive} consecutive refused steps")
+        elif self.consecutive >= self.max_refused_in_a_row:  # from the last good state: rolling back cannot help
+            self._stop(engine, f"{self.consecutive} steps in a row were refused from the last good state")
 
-    def _record(self, engine: Engine, kind: str, out: dict[str, Any]) -> None:
-        local_files = sorted({os.path.abspath(f) for f in out.get("bad_files", []) if f})
-        candidates = []
-        for f in local_files:
-            stats = self.file_stats.setdefault(f, [0, 1])
-            stats[0] += 1
-            if (
-                self.quarantine_after
-                and stats[0] >= self.quarantine_after
-                and (kind == "input" or self._stands_out(stats))
-            ):
-                candidates.append((f, f"{stats[0]} non-finite events in {stats[1]} iterations (last: {kind})"))
-        # every rank records the same event: merge the files and the quarantine decisions of all ranks
-        bad_files, candidates = gather_lists(local_files, candidates)
-        bad_files = sorted(set(bad_files))
-        entry = {
-            "iteration": engine.state.iteration,
-            "epoch": engine.state.epoch,
-            "kind": kind,
-            "loss": out.get("loss"),
-            "loss_cls": out.get("loss_cls"),
-            "loss_reg": out.get("loss_reg"),
-            "grad_norm": out.get("grad_norm"),
-            "update_ratio": self.update_ratio if kind == "update" else None,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "files": bad_files,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        if len(self.events) < self.max_logged_events:
-            self.events.append(entry)
-        if self.write_files:
-            if kind == "update":
-                what, action = f"update ratio {self.update_ratio:.2g}", "rolling back"
-            elif kind == "loss" and math.isfinite(entry["loss"]):
-                what, action = f"loss spike (above {engine.loss_limit:.3g})", "step skipped"
-            else:
-                what, action = f"non-finite {kind}", "step skipped"
-            logger.warning(
-                f"guard: {what} at epoch {entry['epoch']} iteration {entry['iteration']} "
-                f"(loss {entry['loss']:.4g}, grad norm {entry['grad_norm']:.4g}, lr {entry['lr']:.3g}); {action}; "
-                f"files: {', '.join(os.path.basename(f) for f in bad_files) or '-'}"
-            )
-        for f, reason in candidates:
-            self.quarantine.add(f, reason, "guard")
+    def _stepped(self, engine: Engine, report: StepReport) -> None:
+        self.consecutive = self.consecutive_amp = 0
+        self.steps_since_restore += 1
+        self.steps_since_snapshot += 1
+        self.recent.append(report.loss)
+        if self.lr_search:
+            self.batches.append(engine.state.batch)
+        self.window.append(report)
+        if len(self.window) >= self.snapshot_every and not self._end_window(engine, report):
+            return
+        if self.anchor is not None and len(self.batches) == self.search_iters:
+            self._check_lr(engine)
+        elif engine.state.iteration - self.last_lr_change >= self.growth_interval and self.lr.can_grow():
+            self._grow(engine)
 
-    def _stands_out(self, stats: list[int]) -> bool:
-        """Whether a file seen 4+ times fails in 3/4 of its iterations and twice as often as iterations without it."""
-        events, seen = stats
-        others = (self.counters["events"] - events) / max(self.iterations - seen, 1)
-        return seen >= 4 and 4 * events >= 3 * seen and events / seen >= 2 * others
+    def _end_window(self, engine: Engine, report: StepReport) -> bool:
+        """Update ratio, learning signal and snapshot refresh; ``False`` when the window ended in a rollback."""
+        window, clean = self.window, self.window_clean
+        self.window, self.window_clean = [], True
+        network_state = self.snapshot.network_state()
+        self.update_ratio = self.snapshot.update_ratio(network_state, self.steps_since_snapshot)
+        if self.max_update_ratio and self.update_ratio > self.max_update_ratio:
+            what = f"update ratio {self.update_ratio:.2g}"
+            self._record(engine, "update", report, "rolling back", what)
+            self._recover(engine, f"the weights moved {what} of their norm per step (max {self.max_update_ratio:.2g})")
+            return False
+        self.learning.add(_nanmean([r.score_gap for r in window]))
+        mean_loss = _nanmean([r.loss for r in window])
+        grew = self.snapshot_loss is not None and mean_loss > self.max_loss_growth * max(self.snapshot_loss, 1e-8)
+        if clean and math.isfinite(mean_loss) and not grew and not self.learning.collapsed():
+            self.snapshot.take(engine.state.iteration, network_state)
+            self.snapshot_loss, self.steps_since_snapshot = mean_loss, 0
+        elif self.learning.stalled():
+            return self._stall(engine, report)
+        return True
 
-    def _rollback(self, engine: Engine, why: str) -> None:
-        self.consecutive = 0
-        self.consecutive_amp = 0
+    def _recover(self, engine: Engine, why: str) -> None:
+        """
+        Roll back and continue at the LR that works from there: to the run's first state while the LR has not been
+        checked yet (the steps since may be damaged without showing it), else to the last good snapshot.
+        """
+        self.consecutive = self.consecutive_amp = 0
         if self.counters["rollbacks"] >= self.max_rollbacks:
             self._stop(engine, why)
             return
-        self.restore_snapshot()
-        self._recent.clear()
-        self.lr_scale *= self.lr_backoff
-        # the snapshot holds the LR of its time: bring it to the new cumulative scale
-        scale_lr(self.optimizer, self.lr_scheduler, self.lr_scale / self.snapshot_lr_scale)
-        self.counters["rollbacks"] += 1
-        self._window, self._window_clean = [], True
+        origin = self.anchor or self.snapshot
+        failed = self.lr.current_lr()
+        result = self._search(engine, origin, failed, patience=2)
+        self._restore(engine, origin)
+        if result is None or result.lr is None:  # the search could not tell: the classic remedy
+            self.lr.back_off(self.lr_backoff)
+        elif result.changed:
+            self.lr.failed_at(failed)
+            self.lr.set_peak_lr(result.lr)
+        else:  # the fault did not reproduce from the good state: a transient, keep the LR
+            self.lr.reapply()
         logger.warning(
-            f"guard: {why}; rolled back to the snapshot of iteration {self.snapshot_iteration} and scaled the LR "
-            f"by {self.lr_backoff} (now {self.optimizer.param_groups[0]['lr']:.3g}, "
-            f"rollback {self.counters['rollbacks']}/{self.max_rollbacks})"
+            f"guard: {why}; rolled back to the state after iteration {origin.iteration}, LR now "
+            f"{self.lr.current_lr():.3g} (x{self.lr.scale:.3g} of the schedule; rollback "
+            f"{self.counters['rollbacks']}/{self.max_rollbacks})"
         )
 
-    def _stop(self, engine: Engine, why: str) -> None:
-        self.restore_snapshot()
-        self.status = "stopped"
-        saved = ""
-        if self.ckpt_path and self.write_files:
-            os.makedirs(os.path.dirname(os.path.abspath(self.ckpt_path)), exist_ok=True)
-            torch.save(self.snapshot, self.ckpt_path)
-            saved = f" The last good state (iteration {self.snapshot_iteration}) is saved in {self.ckpt_path}."
-        self.stop_message = (
-            f"Training stopped by the NaN guard at epoch {engine.state.epoch} iteration {engine.state.iteration}: "
-            f"{why} after {self.counters['rollbacks']} rollbacks (LR scaled by {self.lr_scale:.3g})."
-            f"{saved} Report: {self.report_path}. Try a lower learning_rate, a longer warm-up or a smaller "
-            f"grad_clip_norm, and run check_data on the files named in the report."
+    def _check_lr(self, engine: Engine) -> None:
+        """
+        Once the first ``search_iters`` steps are in: does the run's LR learn from its first state, or does a
+        smaller one learn clearly better? A run whose LR holds goes on untouched; one that does not restarts from
+        its first state (the steps taken may have damaged the detector for good without any event).
+        """
+        anchor, start = self.anchor, self.lr.peak_lr()
+        current = self._copy_of_now(engine)
+        result = self._search(engine, anchor, start, patience=1, max_trials=6)
+        if result is not None and result.changed and self.counters["rollbacks"] < self.max_rollbacks:
+            self._restore(engine, anchor)
+            self.lr.failed_at(start)
+            self.lr.set_peak_lr(result.lr)
+            logger.warning(f"guard: LR {start:.3g} too high: restarted after iteration {anchor.iteration}")
+        else:
+            current.restore()
+            self.lr.reapply()
+        self.anchor, self.lr_checked = None, True
+
+    def _stall(self, engine: Engine, report: StepReport) -> bool:
+        """The detector stopped separating nodules from background; ``False`` when a smaller LR cured it."""
+        self.counters["stalls"] += 1
+        level = f"score gap {self.learning.level:.3g}, best {self.learning.best:.3g}"
+        self._record(engine, "stall", report, "searching the LR", f"learning stalled ({level})")
+        current = self._copy_of_now(engine)
+        failed = self.lr.current_lr()
+        result = self._search(engine, self.snapshot, failed, patience=2)
+        if result is not None and result.changed and self.counters["rollbacks"] < self.max_rollbacks:
+            self._restore(engine, self.snapshot)
+            self.lr.failed_at(failed)
+            self.lr.set_peak_lr(result.lr)
+            logger.warning(f"guard: back to iteration {self.snapshot.iteration}, LR {self.lr.current_lr():.3g}")
+            return False
+        current.restore()  # a smaller LR does not do better: not the LR's doing, carry on from here
+        self.lr.reapply()
+        self.learning.rebase()
+        return True
+
+    def _grow(self, engine: Engine) -> None:
+        """After a healthy stretch at a backed-off LR: does one step up learn about as well? Then take it."""
+        self.last_lr_change = engine.state.iteration
+        current = self._copy_of_now(engine)
+        start = self.lr.peak_lr()
+        up = self.lr.growth_candidate(1 / SEARCH_STEP)
+        result = self._search(engine, current, start, patience=1, max_trials=2, step=up / start, limit=up)
+        current.restore()
+        if result is not None and result.changed:
+            self.lr.set_peak_lr(result.lr)
+            logger.warning(f"guard: LR grown back from {start:.3g} to {result.lr:.3g} (peak of the schedule)")
+        else:
+            self.lr.failed_at(up)  # do not try that level again
+            self.lr.reapply()
+
+    def _search(
+        self,
+        engine: Engine,
+        origin: Snapshot,
+        start: float,
+        patience: int,
+        max_trials: int = 10,
+        step: float = SEARCH_STEP,
+        limit: float | None = None,
+    ) -> SearchResult | None:
+        """Paired LR trials from ``origin`` on the recent batches (``None`` when searching is off or impossible)."""
+        if not (self.lr_search and self.batches):
+            return None
+        step_fn = lambda batch: engine.train_step(batch, fire_events=False)  # noqa: E731
+        runner = TrialRunner(step_fn, origin, self.batches, self.search_iters, self.max_update_ratio)
+        limit = start * 1e-5 if limit is None else limit
+        result = search_lr(runner, start, step, limit, max_trials, patience, self.search_margin)
+        runner.finish()
+        self.counters["lr_searches"] += 1
+        self.log.record_search(engine.state.iteration, result)
+        return result
+
+    def _copy_of_now(self, engine: Engine) -> Snapshot:
+        current = Snapshot(self.network, self.optimizer, self.snapshot.scaler, self.snapshot.lr_scheduler)
+        current.take(engine.state.iteration)
+        return current
+
+    def _restore(self, engine: Engine, origin: Snapshot) -> None:
+        """Roll back to ``origin``, which becomes the last good snapshot, and forget the abandoned trajectory."""
+        origin.restore()
+        self.counters["rollbacks"] += 1
+        self.snapshot = origin
+        self.anchor, self.lr_checked = None, True
+        self.recent.clear()
+        self.window, self.window_clean = [], True
+        self.steps_since_restore = self.steps_since_snapshot = 0
+        self.learning.restart()
+        self.last_lr_change = engine.state.iteration
+
+    def _record(self, engine: Engine, kind: str, report: StepReport, action: str, what: str) -> None:
+        verdict = self.blame.blame(report.bad_files, kind)  # an applied step (update, stall) blames no file
+        self.log.record(
+            GuardEvent(
+                iteration=engine.state.iteration,
+                epoch=engine.state.epoch,
+                kind=kind,
+                action=action,
+                what=what,
+                loss=report.loss,
+                loss_cls=report.loss_cls,
+                loss_reg=report.loss_reg,
+                grad_norm=report.grad_norm,
+                lr=self.lr.current_lr(),
+                files=verdict.files,
+                update_ratio=self.update_ratio if kind == "update" else None,
+                positive_score=report.positive_score,
+            )
         )
-        logger.error(self.stop_message)
-        self.write_report(engine)
+        for file, reason in verdict.quarantine:
+            self.quarantine.add(file, reason, "guard")
+
+    # ------------------------------------------------------------------------------------------------ the end
+    def _stop(self, engine: Engine, why: str) -> None:
+        self.snapshot.restore()
+        self.lr.reapply()
+        self.status = "stopped"
+        saved = self.log.save_checkpoint(self.snapshot.state)
+        self.message = (
+            f"Training stopped by the stability guard at epoch {engine.state.epoch} iteration "
+            f"{engine.state.iteration}: {why} after {self.counters['rollbacks']} rollbacks (LR x{self.lr.scale:.3g})."
+            + (f" The last good state (iteration {self.snapshot.iteration}) is saved in {saved}." if saved else "")
+            + f" Report: {self.log.report_path}. Try a lower learning_rate, a longer warm-up or a smaller "
+            "grad_clip_norm, and run check_data on the files named in the report."
+        )
+        logger.error(self.message)
+        self.write_report()
         engine.terminate()
 
-    def raise_if_stopped(self) -> None:
-        """Exit non-zero with the stop message if the guard stopped the run (the last step of the ``training`` run)."""
-        if self.stop_message is not None:
-            raise GuardStopped(self.stop_message)
-
-    # ---------------------------------------------------------------- reporting
     def completed(self, engine: Engine) -> None:
+        """At the end of the run: did the detector learn? Write the report."""
         if self.status == "running":
-            self.status = "completed"
-        self.write_report(engine)
+            best = self._best_validation()
+            if best is not None and self.min_val_metric is not None and best <= self.min_val_metric:
+                self.status = "not_learned"
+                self.message = (
+                    f"The detector did not learn: its best validation metric is {best:.4g} (min_val_metric "
+                    f"{self.min_val_metric:g}) after {self.counters['rollbacks']} rollbacks and "
+                    f"{self.counters['lr_searches']} LR searches. The saved model detects nothing; see "
+                    f"{self.log.report_path}. Check the data (check_data), the learning_rate and the warm-up."
+                )
+                logger.error(self.message)
+            else:
+                self.status = "completed"
+        self.write_report()
+
+    def _best_validation(self) -> float | None:
+        state = getattr(self.validator, "state", None)
+        if state is None or getattr(state, "best_metric_epoch", -1) in (-1, None):
+            return None
+        return float(state.best_metric)
 
     def exception_raised(self, engine: Engine, e: BaseException) -> None:
-        """Record the crash in the report (the trainer re-raises the exception)."""
+        """Record the crash in the report and save the last good state (the trainer re-raises the exception)."""
         self.status = f"crashed: {type(e).__name__}: {e}"
-        self.write_report(engine)
+        if self.snapshot.state is not None:
+            self.log.save_checkpoint(self.snapshot.state)
+        self.write_report()
 
-    def report(self) -> dict[str, Any]:
-        """Everything the guard knows, as a JSON-able dict."""
+    def raise_if_failed(self) -> None:
+        """Exit non-zero with the message if the guard stopped the run or the detector did not learn."""
+        if self.message is not None:
+            raise GuardStopped(self.message)
+
+    def write_report(self) -> str | None:
+        """Write the JSON report (where ``report_path`` is set)."""
+        return self.log.write_report(
+            {
+                "status": self.status,
+                "message": self.message,
+                "counters": dict(self.counters),
+                "lr_scale": self.lr.scale,
+                "lr": self.lr.current_lr(),
+                "lr_ceiling": self.lr.ceiling,
+                "snapshot_iteration": self.snapshot.iteration,
+                "score_gap": {"level": self.learning.level, "best": self.learning.best},
+                "best_validation": self._best_validation(),
+                "quarantined": [{"image": k, **v} for k, v in self.quarantine.entries.items()],
+            }
+        )
+
+    def telemetry(self) -> dict[str, int | float]:
+        """The guard's numbers for the monitor: counters, LR scale, last update ratio, smoothed score gap."""
         return {
-            "status": self.status,
-            "message": self.stop_message,
-            "counters": dict(self.counters),
-            "lr_scale": self.lr_scale,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "snapshot_iteration": self.snapshot_iteration,
-            "settings": {
-                k: getattr(self, k)
-                for k in (
-                    "patience",
-                    "lr_backoff",
-                    "max_rollbacks",
-                    "snapshot_every",
-                    "quarantine_after",
-                    "max_loss_growth",
-                    "max_update_ratio",
-                )
-            },
-            "quarantined": [{"image": k, **v} for k, v in self.quarantine.entries.items()],
-            "events": self.events,
+            **{k: self.counters[k] for k in ("events", "skipped_steps", "rollbacks", "amp_overflows")},
+            "lr_scale": self.lr.scale,
+            "update_ratio": self.update_ratio,
+            "score_gap_level": self.learning.level,
         }
-
-    def write_report(self, engine: Engine | None = None) -> None:
-        """Write `report` to ``report_path`` (rank 0 only)."""
-        if not (self.report_path and self.write_files):
-            return
-        write_json(self.report_path, self.report(), default=str)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "counters": dict(self.counters),
-            "lr_scale": self.lr_scale,
-            "events": list(self.events),
-            "file_stats": {k: list(v) for k, v in self.file_stats.items()},
-            "iterations": self.iterations,
+            "lr": self.lr.state_dict(),
+            "blame": self.blame.state_dict(),
+            "learning": self.learning.state_dict(),
+            "log": self.log.state_dict(),
             "snapshot_loss": self.snapshot_loss,
-            "quarantine": self.quarantine.state_dict(),
+            "lr_checked": self.lr_checked,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.counters = dict(state["counters"])
-        self.lr_scale = float(state["lr_scale"])
-        self.events = list(state["events"])
-        self.file_stats = {k: list(v) for k, v in state["file_stats"].items()}
-        self.iterations = int(state.get("iterations", 0))
+        self.counters = {**dict.fromkeys(COUNTERS, 0), **state["counters"]}
+        self.lr.load_state_dict(state["lr"])
+        self.blame.load_state_dict(state["blame"])
+        self.learning.load_state_dict(state["learning"])
+        self.log.load_state_dict(state["log"])
         self.snapshot_loss = state["snapshot_loss"]
-        self.quarantine.load_state_dict(state["quarantine"])
+        self.lr_checked = bool(state["lr_checked"])
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return math.fsum(finite) / len(finite) if finite else math.nan

@@ -11,6 +11,7 @@ import csv
 import logging
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 from ignite.engine import Engine, Events
@@ -18,23 +19,25 @@ from monai.handlers import MLFlowHandler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from scripts.distributed import is_rank0
+from scripts.step_report import StepReport
 
 __all__ = ["TrainingMonitor"]
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ("iteration", "epoch", "loss", "loss_cls", "loss_reg", "grad_norm", "weight_norm", "lr", "amp_scale")
-GUARD_COUNTERS = ("events", "skipped_steps", "rollbacks", "amp_overflows")
+REPORT_VALUES = ("loss", "loss_cls", "loss_reg", "grad_norm", "weight_norm", "lr", "amp_scale", "positive_score")
+GUARD_VALUES = ("events", "skipped_steps", "rollbacks", "amp_overflows", "lr_scale", "update_ratio", "score_gap_level")
+COLUMNS = ("iteration", "epoch", *REPORT_VALUES, "score_gap", "event", *GUARD_VALUES)
 
 
 class TrainingMonitor:
     """
-    Logs the stabilised trainer's per-iteration report (it reads no tensor itself, so it adds no host sync).
+    Logs the stabilised trainer's per-iteration `StepReport` and the guard's numbers (it reads no tensor itself, so
+    it adds no host sync).
 
     Every iteration: scalars to TensorBoard (``train/<name>``), a row to ``csv_path``, the progress bar's postfix,
     and MLflow metrics (``train_<name>``) when an `MLFlowHandler` is attached to the trainer. Every ``log_every``
-    iterations and at each event of the guard: one console line. Only rank 0 writes under DDP.
+    iterations and at each refused step: one console line. Under DDP the configs attach it on rank 0 only.
 
     The monitor becomes the MLflow handler's ``iteration_logger``: the handler's default one expects MONAI's
     decollated list output and fails on this trainer's dict (``float()`` of a tuple inside MLflow).
@@ -44,11 +47,21 @@ class TrainingMonitor:
         log_every: iterations between console lines (0: only events).
         csv_path: CSV file of the per-iteration values (``None``: none).
         progress: show a tqdm progress bar over each epoch's iterations.
+        guard: the `StabilityGuard` whose counters, LR scale and update ratio are logged (``None``: none).
+        output_transform: maps ``engine.state.output`` to the trainer's `StepReport`.
     """
 
     def __init__(
-        self, log_dir: str | None = None, log_every: int = 10, csv_path: str | None = None, progress: bool = True
+        self,
+        log_dir: str | None = None,
+        log_every: int = 10,
+        csv_path: str | None = None,
+        progress: bool = True,
+        guard: Any = None,
+        output_transform: Callable[[Any], StepReport] = lambda x: x,
     ) -> None:
+        self.guard = guard
+        self.output_transform = output_transform
         self.log_dir = log_dir
         self.log_every = log_every
         self.csv_path = csv_path
@@ -61,9 +74,7 @@ class TrainingMonitor:
         self._scalars: dict[str, float] = {}
 
     def attach(self, engine: Engine) -> None:
-        """Register with the trainer (nothing is written on DDP ranks other than 0)."""
-        if not is_rank0():
-            return
+        """Register with the trainer."""
         engine.add_event_handler(Events.STARTED, self.started)
         engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
@@ -84,7 +95,7 @@ class TrainingMonitor:
             self._csv_file = open(self.csv_path, "a" if resume else "w", newline="")
             self._csv = csv.writer(self._csv_file)
             if not resume:
-                self._csv.writerow([*COLUMNS, "event", *GUARD_COUNTERS, "lr_scale", "update_ratio"])
+                self._csv.writerow(COLUMNS)
 
     def epoch_started(self, engine: Engine) -> None:
         if self.progress:
@@ -100,21 +111,17 @@ class TrainingMonitor:
         return None
 
     def values(self, engine: Engine) -> dict[str, Any]:
-        """The scalars of the iteration that just completed."""
-        out = engine.state.output  # weight norm and AMP scale come from the trainer's single host sync
-        optimizer = getattr(engine, "optimizer", None)
-        values: dict[str, Any] = {"iteration": engine.state.iteration, "epoch": engine.state.epoch}
-        for key in ("loss", "loss_cls", "loss_reg", "grad_norm", "weight_norm"):
-            values[key] = float(out[key]) if out.get(key) is not None else math.nan
-        values["lr"] = optimizer.param_groups[0]["lr"] if optimizer is not None else math.nan
-        values["amp_scale"] = float(out.get("amp_scale", 1.0))
-        values["event"] = out.get("event") or ""
-        guard = getattr(engine.state, "guard", None)
-        for key in GUARD_COUNTERS:
-            values[key] = guard.counters[key] if guard is not None else 0
-        values["lr_scale"] = guard.lr_scale if guard is not None else 1.0
-        values["update_ratio"] = guard.update_ratio if guard is not None else math.nan
-        return values
+        """The values of the iteration that just completed, named as the CSV columns."""
+        report = self.output_transform(engine.state.output)
+        guard = self.guard.telemetry() if self.guard is not None else {}
+        return {
+            "iteration": engine.state.iteration,
+            "epoch": engine.state.epoch,
+            **{k: float(getattr(report, k)) for k in REPORT_VALUES},
+            "score_gap": report.score_gap,
+            "event": report.event or "",
+            **{k: guard.get(k, math.nan) for k in GUARD_VALUES},
+        }
 
     def iteration_completed(self, engine: Engine) -> None:
         values = self.values(engine)
@@ -125,12 +132,7 @@ class TrainingMonitor:
             for key, value in scalars.items():
                 self.writer.add_scalar(f"train/{key}", value, step)
         if self._csv is not None:
-            self._csv.writerow(
-                [values[c] for c in COLUMNS]
-                + [values["event"]]
-                + [values[c] for c in GUARD_COUNTERS]
-                + [values["lr_scale"], values["update_ratio"]]
-            )
+            self._csv.writerow([values[c] for c in COLUMNS])
         self._scalars = scalars
         if self.bar is not None:
             self.bar.set_postfix(
@@ -141,10 +143,14 @@ class TrainingMonitor:
             line = (
                 f"epoch {values['epoch']} it {step}: loss {values['loss']:.4g} (cls {values['loss_cls']:.4g}, "
                 f"reg {values['loss_reg']:.4g}) grad norm {values['grad_norm']:.4g} "
-                f"weight norm {values['weight_norm']:.4g} "
-                f"lr {values['lr']:.3g} amp scale {values['amp_scale']:.3g} "
-                f"guard events {values['events']} skipped {values['skipped_steps']} rollbacks {values['rollbacks']}"
+                f"weight norm {values['weight_norm']:.4g} lr {values['lr']:.3g} amp scale {values['amp_scale']:.3g} "
+                f"score gap {values['score_gap']:.3g}"
             )
+            if self.guard is not None:
+                line += (
+                    f" guard events {values['events']:.0f} skipped {values['skipped_steps']:.0f} "
+                    f"rollbacks {values['rollbacks']:.0f}"
+                )
             (logger.warning if values["event"] else logger.info)(
                 line + (f" [{values['event']}]" if values["event"] else "")
             )

@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
-from scripts.distributed import is_distributed, is_rank0
+from scripts.distributed import is_distributed
 from scripts.json_io import write_json
 
 __all__ = ["Quarantine", "QuarantineSampler", "image_path"]
@@ -39,13 +39,12 @@ class Quarantine:
     Image files excluded from training, with the reason for each, kept in memory and mirrored to a JSON file.
 
     Args:
-        path: JSON file the list is written to after every change (``None``: keep it in memory only).
-        save: whether the file is written at all (under DDP only rank 0 writes it).
+        path: JSON file the list is written to after every change (``None``: keep it in memory only, as on DDP
+            ranks other than 0).
     """
 
-    def __init__(self, path: str | None = None, save: bool = True) -> None:
+    def __init__(self, path: str | None = None) -> None:
         self.path = path
-        self.save_enabled = save
         self.entries: dict[str, dict[str, Any]] = {}
 
     def __contains__(self, item: Any) -> bool:
@@ -64,13 +63,9 @@ class Quarantine:
         self.save()
         return True
 
-    def filter(self, datalist: Sequence[dict]) -> list[dict]:
-        """The items of ``datalist`` whose image is not quarantined."""
-        return [d for d in datalist if d not in self]
-
     def save(self) -> None:
-        """Write the list to ``path`` atomically (rank 0 only)."""
-        if not (self.path and self.save_enabled and is_rank0()):
+        """Write the list to ``path`` atomically (if there is one)."""
+        if not self.path:
             return
         write_json(self.path, {"quarantined": [{"image": k, **v} for k, v in self.entries.items()]})
 

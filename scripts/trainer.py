@@ -1,14 +1,17 @@
 """The clip-grad training iteration of RetinaNet 3D, with one fused finiteness decision per step.
 
-MONAI's `SupervisedTrainer` assumes one tensor in and a loss function; the detector takes lists of images
-and targets and computes its own losses, so the iteration is written here (as the model zoo does), with
-the stabilised step of design.md section 5.
+MONAI's `SupervisedTrainer` assumes one tensor in and a loss function; the detector takes lists of images and
+targets and computes its own losses, so the iteration is written here (as the model zoo does), with the
+stabilised step: forward under autocast, weighted loss, backward, unscale, global gradient-norm clipping, and an
+optimiser step only when the whole iteration was finite. Each iteration ends with one `StepReport`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -16,16 +19,15 @@ import torch
 from ignite.engine import Events
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
-from monai.utils.enums import CommonKeys as Keys
 from torch.utils.data import DataLoader
 
+from scripts.detector import ANCHOR_SCORE_NAMES, ANCHOR_SCORES
 from scripts.distributed import is_distributed
+from scripts.step_report import EVENT_KINDS, StepReport, read_to_host
 
-__all__ = ["StabilisedDetectionTrainer", "detection_prepare_batch", "EVENT_KINDS"]
+__all__ = ["StabilisedDetectionTrainer", "detection_prepare_batch"]
 
-
-# kinds of non-finite events, in the order of the fused flag vector
-EVENT_KINDS = ("input", "logits", "loss", "grad")
+logger = logging.getLogger(__name__)
 
 
 def detection_prepare_batch(
@@ -44,17 +46,19 @@ def detection_prepare_batch(
     return images, targets, files
 
 
+def _ratio(total: float, count: float) -> float:
+    return total / count if count else math.nan
+
+
 class StabilisedDetectionTrainer(Trainer):
     """
-    Trains a `RetinaNetDetector` with the stabilised step: forward under autocast, weighted loss, backward,
-    unscale, global gradient-norm clipping, and an optimiser step only when the whole iteration was finite.
+    Trains a `RetinaNetDetector` with the stabilised step and reports every iteration as a `StepReport` in
+    ``engine.state.output``.
 
-    The finiteness of the input, the heads' ``NaN or Inf`` ValueError, the loss and the gradient norm are
-    gathered in one flag vector and read with a single host synchronisation. A refused step leaves parameters,
-    buffers, optimiser state and GradScaler exactly as they were. The iteration reports what happened in
-    ``engine.state.output`` (keys ``loss``, ``loss_cls``, ``loss_reg``, ``grad_norm`` before clipping, ``event``,
-    ``bad_files``, ``files``; and, read in the same sync for the monitor, ``weight_norm`` and ``amp_scale`` of the
-    weights and loss scale the iteration ran with); the `NaNGuard` handler acts on it.
+    The finiteness of the input, the heads' ``NaN or Inf`` ValueError, the loss (and the loss-spike limit set with
+    `set_loss_limit`) and the gradient norm are decided on device tensors that, with the telemetry of the step,
+    reach the host in one read. A refused step leaves parameters, buffers, optimiser state and GradScaler exactly as
+    they were (under AMP an fp16 gradient overflow still halves the loss scale, the scaler's own remedy).
 
     Under DDP (an initialised process group) the trainer does the data-parallel synchronisation itself: ranks start
     from rank 0's weights, and one all-reduce per step averages gradients and BatchNorm statistics together with the
@@ -66,19 +70,20 @@ class StabilisedDetectionTrainer(Trainer):
         device: the device to train on.
         max_epochs: number of epochs.
         train_data_loader: loader yielding lists of crop lists (``no_collation``).
-        detector: the `RetinaNetDetector`; its ``network`` is what is optimised.
+        detector: the detector (`scripts.detector.RetinaNetDetector`); its ``network`` is what is optimised.
         optimizer: optimiser over the network's parameters.
         epoch_length: iterations per epoch (default ``len(train_data_loader)``).
         w_cls: weight of the classification loss.
         w_reg: weight of the box-regression loss.
-        grad_clip_norm: clip the global gradient L2 norm to this value (``None``: no clipping).
+        grad_clip_norm: clip the global gradient L2 norm to this value (``None`` or 0: no clipping).
         skip_nonfinite: refuse non-finite steps and report them (``False``: behave like the model-zoo trainer,
-            where the heads' ValueError ends the run).
-        amp: mixed precision: fp16 with a GradScaler on CUDA, bf16 autocast on CPU.
+            where the heads' ValueError ends the run and every step is applied).
+        amp: mixed precision: fp16 autocast on CUDA (with ``scaler``), bf16 autocast on CPU.
+        scaler: the GradScaler of fp16 training (``None``: none; give one when ``amp`` is on and the device is CUDA).
         train_handlers: ignite handlers with ``attach(engine)``.
         non_blocking: non-blocking host-to-device copies.
         prepare_batch: turns a loader batch into ``(images, targets, files)``.
-        key_train_metric, additional_metrics, metric_cmp_fn, event_names, event_to_attr, to_kwargs:
+        key_train_metric, additional_metrics, metric_cmp_fn, event_names, event_to_attr:
             as in MONAI's `Trainer`.
     """
 
@@ -95,6 +100,7 @@ class StabilisedDetectionTrainer(Trainer):
         grad_clip_norm: float | None = 10.0,
         skip_nonfinite: bool = True,
         amp: bool = False,
+        scaler: torch.amp.GradScaler | None = None,
         train_handlers: Sequence | None = None,
         non_blocking: bool = False,
         prepare_batch: Callable = detection_prepare_batch,
@@ -103,7 +109,6 @@ class StabilisedDetectionTrainer(Trainer):
         metric_cmp_fn: Callable | None = None,
         event_names: list | None = None,
         event_to_attr: dict | None = None,
-        to_kwargs: dict | None = None,
     ) -> None:
         device = torch.device(device)
         extra = {"metric_cmp_fn": metric_cmp_fn} if metric_cmp_fn is not None else {}
@@ -121,7 +126,6 @@ class StabilisedDetectionTrainer(Trainer):
             event_names=event_names,
             event_to_attr=event_to_attr,
             decollate=False,
-            to_kwargs=to_kwargs,
             **extra,
         )
         self.detector = detector
@@ -133,145 +137,168 @@ class StabilisedDetectionTrainer(Trainer):
         self.skip_nonfinite = skip_nonfinite
         self.params = [p for p in self.network.parameters() if p.requires_grad]
         self.buffers = list(self.network.buffers())
-        cuda = device.type == "cuda"
-        self.amp_dtype = torch.float16 if cuda else torch.bfloat16
+        self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        # MONAI's Trainer.run makes a new scaler per run, which would lose its state on resume: it is given instead
+        self.scaler = scaler if amp else None
+        self.loss_limit = math.inf
         self.world_size = 1
-        self.loss_limit = math.inf  # losses above it are refused like non-finite ones (set by the NaN guard)
         self.add_event_handler(Events.STARTED, lambda engine: engine._broadcast_state())
-        # created once (MONAI's Trainer.run makes a new one per run, which would lose its state on resume)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp and cuda) if amp and cuda else None
 
     def run(self) -> None:  # type: ignore[override]
-        """Run training, keeping the GradScaler made at construction."""
+        """Run training with the GradScaler given at construction."""
         super(Trainer, self).run()
 
+    def set_loss_limit(self, limit: float) -> None:
+        """Refuse, as a ``loss`` event, any step whose loss exceeds ``limit`` (``math.inf``: no limit)."""
+        self.loss_limit = float(limit)
+
     def _handle_exception(self, e: BaseException) -> None:
-        """Let every ``EXCEPTION_RAISED`` handler save what it holds (report, final checkpoint), then re-raise."""
-        if Events.EXCEPTION_RAISED in self._event_handlers:
-            self._fire_event(Events.EXCEPTION_RAISED, e)
+        """
+        Give every ``EXCEPTION_RAISED`` handler its turn (report, final checkpoint), then re-raise.
+
+        MONAI's handlers re-raise the exception from their own ``EXCEPTION_RAISED`` handler, so ignite would stop at
+        the first of them and the handlers attached later (the checkpoint saver) would never save anything.
+        """
+        for func, args, kwargs in list(self._event_handlers.get(Events.EXCEPTION_RAISED, [])):
+            first, rest = ((args[0](),), args[1:]) if args and isinstance(args[0], weakref.ref) else ((), args)
+            try:
+                func(*first, e, *rest, **kwargs)
+            except BaseException as raised:  # the re-raise of ``e``, or a handler's own failure
+                if raised is not e:
+                    logger.exception(f"an EXCEPTION_RAISED handler failed while handling {type(e).__name__}")
         raise e
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.state.device.type, dtype=self.amp_dtype)
 
     def _forward_loss(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor] | None:
         """Detector losses under autocast, or ``None`` when a head raised its ``NaN or Inf`` ValueError."""
-        autocast = (
-            torch.autocast(self.state.device.type, dtype=self.amp_dtype) if self.amp else contextlib.nullcontext()
-        )
         try:
-            with autocast:
+            with self._autocast():
                 return self.detector(images, targets)
         except ValueError as e:
             if self.skip_nonfinite and "NaN or Inf" in str(e):
                 return None
             raise
 
-    def _iteration(self, engine: StabilisedDetectionTrainer, batchdata: list) -> dict[str, Any]:
+    def _iteration(self, engine: StabilisedDetectionTrainer, batchdata: list) -> StepReport:
         """One stabilised step; see the class docstring."""
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
-        images, targets, files = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
-        engine.detector.train()
-        engine.optimizer.zero_grad(set_to_none=True)
-        saved_buffers = [b.clone() for b in engine.buffers] if engine.skip_nonfinite else []
-        engine.state.output = {Keys.IMAGE: images, Keys.LABEL: targets}
+        return engine.train_step(batchdata)
 
-        nan = torch.tensor(float("nan"), device=engine.state.device)
-        losses = engine._forward_loss(images, targets)
+    def train_step(self, batchdata: list, fire_events: bool = True) -> StepReport:
+        """
+        The stabilised step on one loader batch. ``fire_events=False`` runs it without MONAI's iteration events
+        (``LOSS_COMPLETED``, ``BACKWARD_COMPLETED``): the trial steps of an LR search are not iterations of the run.
+        """
+        images, targets, files = self.prepare_batch(batchdata, self.state.device, self.non_blocking)
+        self.detector.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        saved_buffers = [b.clone() for b in self.buffers] if self.skip_nonfinite else []
+        device = self.state.device
+        nan = torch.tensor(math.nan, device=device)
+
+        losses = self._forward_loss(images, targets)
         if losses is None:
             loss_cls = loss_reg = loss = nan
+            anchor_scores = {k: torch.zeros((), device=device) for k in ANCHOR_SCORE_NAMES}
         else:
             # MONAI returns the box loss of a batch without box samples as a CPU tensor: bring both to the device
-            keys = (engine.detector.cls_key, engine.detector.box_reg_key)
-            loss_cls, loss_reg = (losses[k].to(nan.device) for k in keys)
-            loss = engine.w_cls * loss_cls + engine.w_reg * loss_reg
-            engine.state.output[Keys.LOSS] = loss
-            engine.fire_event(IterationEvents.LOSS_COMPLETED)
-            (engine.scaler.scale(loss) if engine.scaler else loss).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            loss_cls = losses[self.detector.cls_key].to(device)
+            loss_reg = losses[self.detector.box_reg_key].to(device)
+            anchor_scores = {k: v.to(device) for k, v in losses[ANCHOR_SCORES].items()}
+            loss = self.w_cls * loss_cls + self.w_reg * loss_reg
+            if fire_events:
+                self.state.output = {"loss": loss}  # what MONAI's iteration events expect to find
+                self.fire_event(IterationEvents.LOSS_COMPLETED)
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            if fire_events:
+                self.fire_event(IterationEvents.BACKWARD_COMPLETED)
 
-        # the fused decision: one vector, one host sync (and under DDP one all-reduce, which also averages grads)
         finite_images = torch.stack([torch.isfinite(x).all() for x in images])
-        logits_failed = torch.tensor(float(losses is None), device=engine.state.device)
-        bad_loss = ~loss.isfinite() | (loss.detach() > engine.loss_limit)  # the guard's spike limit (inf: none)
-        flags = torch.stack([(~finite_images.all()).float(), logits_failed, bad_loss.float()])
-        shared = torch.cat([flags, torch.stack([t.detach().float() for t in (loss, loss_cls, loss_reg)])])
-        if engine.world_size > 1:
-            shared = engine._all_reduce(shared)
-        grads = [p.grad for p in engine.params if p.grad is not None]
-        grad_norm = nan
-        if grads:
-            if engine.scaler and losses is not None:
-                engine.scaler.unscale_(engine.optimizer)
-            grad_norm = torch.nn.utils.get_total_norm(grads)
-            if engine.grad_clip_norm is not None:
-                torch.nn.utils.clip_grads_with_norm_(engine.params, engine.grad_clip_norm, grad_norm)
-        # telemetry read in the same sync: the weight norm and the loss scale this iteration ran with
-        weight_norm = torch.nn.utils.get_total_norm([p.detach() for p in engine.params])
-        scale = getattr(engine.scaler, "_scale", None)  # the tensor behind GradScaler.get_scale(), which syncs
-        scale = scale.float().reshape(1) if scale is not None else torch.ones(1, device=nan.device)
-        telemetry = [grad_norm.float()[None], weight_norm.float()[None], scale]
-        values = torch.cat([shared, *telemetry, (~finite_images).float()]).tolist()
-        flags_ = [*values[:3], 0.0 if math.isfinite(values[6]) else 1.0]
-        loss_v, cls_v, reg_v = (v / engine.world_size for v in values[3:6])
-        gnorm_v, wnorm_v, scale_v, bad_images = values[6], values[7], values[8], values[9:]
-        event = next((k for k, f in zip(EVENT_KINDS, flags_) if f), None)
-        if event is not None and not engine.skip_nonfinite:
-            event = None  # the zoo trainer: step anyway
-        if event is None:
-            if engine.scaler:
-                engine.scaler.step(engine.optimizer)
-                engine.scaler.update()
-            else:
-                engine.optimizer.step()
-        else:
-            engine._refuse_step(event, unscaled=losses is not None)
-            with torch.no_grad():
-                for b, s in zip(engine.buffers, saved_buffers):
-                    b.copy_(s)
-        engine.optimizer.zero_grad(set_to_none=True)
-        if event == "input":
-            bad_files = [f for f, bad in zip(files, bad_images) if bad]
-        else:
-            bad_files = list(files) if event else []
-        engine.state.output.update(
+        shared = {  # summed over the DDP ranks (flags: any rank)
+            "bad_input": (~finite_images.all()).float(),
+            "logits_failed": torch.tensor(float(losses is None), device=device),
+            "bad_loss": (~loss.isfinite() | (loss.detach() > self.loss_limit)).float(),
+            "loss": loss.detach().float(),
+            "loss_cls": loss_cls.detach().float(),
+            "loss_reg": loss_reg.detach().float(),
+            **anchor_scores,
+        }
+        if self.world_size > 1:
+            shared = self._all_reduce(shared)
+        grad_norm = self._unscale_and_clip(unscaled=losses is not None)
+        host = read_to_host(
             {
-                Keys.LOSS: loss_v,
-                "loss_cls": cls_v,
-                "loss_reg": reg_v,
-                "grad_norm": gnorm_v,
-                "weight_norm": wnorm_v,
-                "amp_scale": scale_v,
-                "event": event,
-                "amp_overflow": event == "grad" and engine.scaler is not None,
-                "files": files,
-                "bad_files": bad_files,
+                **shared,
+                "grad_norm": grad_norm,
+                "weight_norm": torch.nn.utils.get_total_norm([p.detach() for p in self.params]),
+                "amp_scale": self._loss_scale(),
+                "bad_images": ~finite_images,
             }
         )
-        return engine.state.output
-
-    def _broadcast_state(self) -> None:
-        """Start every DDP rank from rank 0's parameters and buffers (as `DistributedDataParallel` does)."""
-        self.world_size = torch.distributed.get_world_size() if is_distributed() else 1
-        if self.world_size > 1:
+        value = {name: v[0] for name, v in host.items() if name != "bad_images"}
+        flags = {
+            "input": value["bad_input"],
+            "logits": value["logits_failed"],
+            "loss": value["bad_loss"],
+            "grad": not math.isfinite(value["grad_norm"]),
+        }
+        event = next((kind for kind in EVENT_KINDS if flags[kind]), None) if self.skip_nonfinite else None
+        if event is None:
+            self._step()
+        else:
+            self._refuse_step(event, unscaled=losses is not None)
             with torch.no_grad():
-                for t in [*self.network.parameters(), *self.buffers]:
-                    torch.distributed.broadcast(t, src=0)
+                for b, s in zip(self.buffers, saved_buffers, strict=True):
+                    b.copy_(s)
+        self.optimizer.zero_grad(set_to_none=True)
+        if event == "input":
+            bad_files = [f for f, bad in zip(files, host["bad_images"], strict=True) if bad]
+        else:
+            bad_files = list(files) if event else []
+        return StepReport(
+            loss=value["loss"] / self.world_size,
+            loss_cls=value["loss_cls"] / self.world_size,
+            loss_reg=value["loss_reg"] / self.world_size,
+            grad_norm=value["grad_norm"],
+            weight_norm=value["weight_norm"],
+            amp_scale=value["amp_scale"],
+            lr=self.optimizer.param_groups[0]["lr"],
+            positive_score=_ratio(value["positive_sum"], value["positive_count"]),
+            negative_score=_ratio(value["negative_sum"], value["negative_count"]),
+            event=event,
+            amp_overflow=event == "grad" and self.scaler is not None,
+            files=tuple(files),
+            bad_files=tuple(bad_files),
+        )
 
-    def _all_reduce(self, stats: torch.Tensor) -> torch.Tensor:
-        """
-        One all-reduce per step: gradients and float buffers (BatchNorm statistics) are averaged over the ranks, and
-        ``stats`` (event flags, losses) summed and returned. A rank whose forward failed contributes zero gradients.
-        """
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        floats = [b for b in self.buffers if b.is_floating_point()]
-        flat = torch.cat([t.reshape(-1).float() for t in (*grads, *floats)] + [stats])
-        torch.distributed.all_reduce(flat)
-        chunks = flat.split([t.numel() for t in (*grads, *floats)] + [stats.numel()])
-        with torch.no_grad():
-            for p, c in zip(self.params, chunks):
-                p.grad = c.view_as(p).div_(self.world_size).to(p.dtype)
-            for b, c in zip(floats, chunks[len(grads) :]):
-                b.copy_(c.view_as(b).div_(self.world_size))
-        return chunks[-1]
+    def _unscale_and_clip(self, unscaled: bool) -> torch.Tensor:
+        """The global gradient norm before clipping (NaN when no gradient exists); clips when asked to."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return torch.tensor(math.nan, device=self.state.device)
+        if self.scaler and unscaled:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.get_total_norm(grads)
+        if self.grad_clip_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.grad_clip_norm, grad_norm)
+        return grad_norm
+
+    def _loss_scale(self) -> torch.Tensor:
+        """The loss scale as a device tensor (``GradScaler.get_scale()`` would be a host sync of its own)."""
+        scale = getattr(self.scaler, "_scale", None) if self.scaler is not None else None
+        return scale.float() if scale is not None else torch.ones(1, device=self.state.device)
+
+    def _step(self) -> None:
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
 
     def _refuse_step(self, event: str, unscaled: bool) -> None:
         """Leave optimiser and scaler as they were; under AMP an fp16 gradient overflow still backs the scale off."""
@@ -283,3 +310,31 @@ class StabilisedDetectionTrainer(Trainer):
         saved = self.scaler.state_dict()
         self.scaler.update()  # clears the per-step unscale record
         self.scaler.load_state_dict(saved)
+
+    def _broadcast_state(self) -> None:
+        """Start every DDP rank from rank 0's parameters and buffers (as `DistributedDataParallel` does)."""
+        self.world_size = torch.distributed.get_world_size() if is_distributed() else 1
+        if self.world_size > 1:
+            with torch.no_grad():
+                for t in [*self.network.parameters(), *self.buffers]:
+                    torch.distributed.broadcast(t, src=0)
+
+    def _all_reduce(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """
+        One all-reduce per step: gradients and float buffers (BatchNorm statistics) are averaged over the ranks, and
+        the named ``stats`` (event flags, losses) summed. A rank whose forward failed contributes zero gradients.
+        """
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        floats = [b for b in self.buffers if b.is_floating_point()]
+        names = list(stats)
+        tensors = [*grads, *floats, *(stats[n].reshape(-1) for n in names)]
+        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        torch.distributed.all_reduce(flat)
+        chunks = flat.split([t.numel() for t in tensors])
+        with torch.no_grad():
+            for p, c in zip(self.params, chunks, strict=False):
+                p.grad = c.view_as(p).div_(self.world_size).to(p.dtype)
+            for b, c in zip(floats, chunks[len(grads) :], strict=False):
+                b.copy_(c.view_as(b).div_(self.world_size))
+        reduced = chunks[len(grads) + len(floats) :]
+        return {n: c.view_as(stats[n]) for n, c in zip(names, reduced, strict=True)}

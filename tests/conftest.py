@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from ignite.engine import Events
 from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
 from monai.data import Dataset, MetaTensor
 from monai.data.utils import no_collation
@@ -19,9 +20,9 @@ if REPO not in sys.path:
 
 from bundle_helpers import TINY, parse  # noqa: E402
 
-from scripts.guard import NaNGuard  # noqa: E402
+from scripts.guard import StabilityGuard  # noqa: E402
 from scripts.quarantine import Quarantine, QuarantineSampler  # noqa: E402
-from scripts.schedule import warmup_decay_scheduler  # noqa: E402
+from scripts.schedule import WarmupDecayLR  # noqa: E402
 from scripts.trainer import StabilisedDetectionTrainer  # noqa: E402
 
 torch.set_num_threads(2)
@@ -60,30 +61,38 @@ def tiny_loader(num: int = 4, quarantine: Quarantine | None = None, seed: int = 
 def make_trainer(
     tmp_path,
     epochs=2,
-    lr=0.01,
+    lr=0.002,
     loader=None,
     quarantine=None,
     guard_kwargs=None,
     enabled=True,
     device="cpu",
     handlers=(),
+    amp=False,
+    warmup_iters=0,
     **kw,
 ):
-    """A guarded `StabilisedDetectionTrainer` of the tiny detector (SGD-Nesterov, constant LR) on ``device``."""
+    """
+    A guarded `StabilisedDetectionTrainer` of the tiny detector (SGD-Nesterov, constant LR after ``warmup_iters``) on
+    ``device``, with a GradScaler under AMP on CUDA. The default LR is one the guard's LR check confirms for the tiny
+    network (its paired trials find 0.01 too high for it).
+    """
     detector = tiny_detector()
     detector.network.to(device)
     optimizer = torch.optim.SGD(detector.network.parameters(), lr=lr, momentum=0.9, nesterov=True)
-    scheduler = warmup_decay_scheduler(optimizer, warmup_iters=0, total_iters=100, decay="step", step_iters=1000)
+    scheduler = WarmupDecayLR(optimizer, warmup_iters=warmup_iters, total_iters=100, decay="step", step_iters=1000)
+    scaler = torch.amp.GradScaler("cuda") if amp and torch.device(device).type == "cuda" else None
     quarantine = quarantine if quarantine is not None else Quarantine(str(tmp_path / "quarantine.json"))
-    guard = NaNGuard(
+    guard = StabilityGuard(
         detector.network,
         optimizer,
         scheduler,
+        scaler=scaler,
         enabled=enabled,
         quarantine=quarantine,
         report_path=str(tmp_path / "guard_report.json"),
         ckpt_path=str(tmp_path / "last_good.pt"),
-        **(guard_kwargs or {}),
+        **{"search_iters": 8, **(guard_kwargs or {})},
     )
     trainer = StabilisedDetectionTrainer(
         device,
@@ -94,8 +103,11 @@ def make_trainer(
         skip_nonfinite=enabled,
         grad_clip_norm=10.0 if enabled else None,
         train_handlers=[guard, *handlers],
+        amp=amp,
+        scaler=scaler,
         **kw,
     )
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: scheduler.step())
     return trainer, guard
 
 

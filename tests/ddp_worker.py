@@ -17,10 +17,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from conftest import tiny_detector, tiny_loader  # noqa: E402
+from ignite.engine import Events  # noqa: E402
 from monai.engines.utils import IterationEvents  # noqa: E402
 
-from scripts.guard import NaNGuard  # noqa: E402
+from scripts.guard import StabilityGuard  # noqa: E402
 from scripts.quarantine import Quarantine  # noqa: E402
+from scripts.schedule import WarmupDecayLR  # noqa: E402
 from scripts.trainer import StabilisedDetectionTrainer  # noqa: E402
 
 
@@ -36,15 +38,18 @@ def main() -> None:
     rank = dist.get_rank()
     torch.manual_seed(100 + rank)  # different initial weights: the trainer must start every rank from rank 0's
     detector = tiny_detector()
-    optimizer = torch.optim.SGD(detector.network.parameters(), lr=0.01, momentum=0.9)
+    optimizer = torch.optim.SGD(detector.network.parameters(), lr=0.002, momentum=0.9)
     quarantine = Quarantine(os.path.join(args.out, "quarantine.json"))
-    guard = NaNGuard(
+    scheduler = WarmupDecayLR(optimizer, warmup_iters=0, total_iters=100)
+    guard = StabilityGuard(
         detector.network,
         optimizer,
+        scheduler,
         patience=args.patience,
         snapshot_every=2,
+        search_iters=4,
         quarantine=quarantine,
-        report_path=os.path.join(args.out, "guard_report.json"),
+        report_path=os.path.join(args.out, "guard_report.json") if rank == 0 else None,
     )
     loader = tiny_loader(8, quarantine, shuffle=True)
     trainer = StabilisedDetectionTrainer("cpu", args.epochs, loader, detector, optimizer, train_handlers=[guard])
@@ -55,12 +60,8 @@ def main() -> None:
         if rank == args.inf_rank and engine.state.iteration in args.inf_iterations:
             next(p for p in engine.network.parameters() if p.grad is not None).grad.fill_(float("inf"))
 
-    trainer.add_event_handler(
-        IterationEvents.BACKWARD_COMPLETED, lambda e: None
-    )  # keeps the event registered even without injection
-    from ignite.engine import Events
-
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: events.append(e.state.output["event"]))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: events.append(e.state.output.event))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: scheduler.step())
     trainer.run()
     torch.save(
         {
@@ -69,6 +70,7 @@ def main() -> None:
             "counters": dict(guard.counters),
             "lr": optimizer.param_groups[0]["lr"],
             "events": events,
+            "searches": guard.log.searches,
             "iterations": trainer.state.iteration,
         },
         os.path.join(args.out, f"rank{rank}.pt"),

@@ -367,16 +367,13 @@ def test_screen_exclude(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "data_check.json").is_file()
 
 
-def test_screen_exclude_every_rank_same_lists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_screen_exclude_every_rank_same_lists(tmp_path: Path) -> None:
+    # a DDP rank other than 0 (train.json's write_outputs false): no report file, no quarantine file, same lists
     datalist, bad = mixed_datalist(tmp_path)
-    monkeypatch.setattr("scripts.data_check.is_rank0", lambda: False)
-    monkeypatch.setattr("scripts.quarantine.is_rank0", lambda: False)  # the quarantine file is rank 0's to write
-    quarantine = Quarantine(str(tmp_path / "q.json"))
-    lists = screen_datalists(
-        "exclude", str(datalist), str(tmp_path), LOADER, PATCH, str(tmp_path / "out"), quarantine, progress=False
-    )
+    quarantine = Quarantine(None)
+    lists = screen_datalists("exclude", str(datalist), str(tmp_path), LOADER, PATCH, None, quarantine, progress=False)
     assert len(lists["training"]) == 2 and len(lists["validation"]) == 1
-    assert sorted(quarantine.entries) == sorted(bad["training"]) and quarantine.save_enabled
+    assert sorted(quarantine.entries) == sorted(bad["training"])
     assert not (tmp_path / "q.json").exists() and not (tmp_path / "out").exists()
 
 

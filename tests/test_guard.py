@@ -1,4 +1,4 @@
-"""The stability features, tested by making training fail on purpose and checking the exact outcome."""
+"""The stability guard, tested by making training fail on purpose and checking the exact outcome."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from ignite.engine import Events
 from monai.data import Dataset, MetaTensor
 from monai.data.utils import no_collation
 
-from scripts.guard import GuardStopped, NaNGuard
+from scripts.guard import GuardStopped
 from scripts.quarantine import Quarantine, QuarantineSampler
 
 
@@ -21,20 +21,16 @@ def test_clean_run_steps_and_reports(tmp_path):
     trainer, guard = make_trainer(tmp_path, epochs=2)
     before = state_of(trainer)
     trainer.run()
-    assert guard.counters == {
-        "events": 0,
-        "skipped_steps": 0,
-        "rollbacks": 0,
-        "amp_overflows": 0,
-        "weights_nonfinite": 0,
-    }
+    assert all(v == 0 for k, v in guard.counters.items() if k != "lr_searches"), guard.counters
+    assert guard.log.searches[0]["iteration"] == 8 and guard.log.searches[0]["chosen_lr"] == 0.002  # the LR check
     assert not torch.equal(
         before["network"]["classification_head.cls_logits.weight"],
         trainer.network.classification_head.cls_logits.weight,
     )
     out = trainer.state.output
-    assert out["event"] is None and math.isfinite(out["loss"]) and out["grad_norm"] > 0
-    assert out["loss"] == pytest.approx(out["loss_cls"] + out["loss_reg"], rel=1e-5)
+    assert out.event is None and math.isfinite(out.loss) and out.grad_norm > 0
+    assert out.loss == pytest.approx(out.loss_cls + out.loss_reg, rel=1e-5)
+    assert 0 < out.negative_score < 1 and 0 < out.positive_score < 1
     report = json.loads((tmp_path / "guard_report.json").read_text())
     assert report["status"] == "completed" and report["events"] == []
 
@@ -51,7 +47,7 @@ def test_inf_gradient_step_is_skipped_bitwise(tmp_path):
 
     @trainer.on(Events.ITERATION_COMPLETED(once=bad_iteration))
     def _check(engine):
-        assert engine.state.output["event"] == "grad"
+        assert engine.state.output.event == "grad"
         assert_same_state(seen["before"], state_of(engine))
         seen["checked"] = True
 
@@ -61,32 +57,50 @@ def test_inf_gradient_step_is_skipped_bitwise(tmp_path):
     assert trainer.state.iteration == 8 and finite_weights(trainer.network)
 
 
-def test_nan_weights_roll_back_to_the_exact_snapshot(tmp_path):
+@pytest.mark.parametrize(
+    "bad_iteration, restored_iteration",
+    [(7, 0), (11, 8)],  # before the LR check of iteration 8 a rollback goes to the run's first state
+)
+def test_nan_weights_roll_back_exactly_and_keep_the_lr(tmp_path, bad_iteration, restored_iteration):
     trainer, guard = make_trainer(tmp_path, epochs=3, guard_kwargs={"snapshot_every": 4})
-    bad_iteration, seen = 7, {}
+    seen = {}
+
+    @trainer.on(Events.ITERATION_STARTED)
+    def _remember(engine):
+        if engine.state.iteration == restored_iteration + 1:  # the state after `restored_iteration` iterations
+            seen["restored"] = copy.deepcopy(engine.network.state_dict())
 
     @trainer.on(Events.ITERATION_STARTED(once=bad_iteration))
     def _corrupt(engine):
-        seen["snapshot"] = copy.deepcopy(guard.snapshot["network"])
-        seen["snapshot_iteration"] = guard.snapshot_iteration
         seen["lr"] = engine.optimizer.param_groups[0]["lr"]
         with torch.no_grad():
             engine.network.feature_extractor.body.conv1.weight.fill_(float("nan"))
 
     @trainer.on(Events.ITERATION_COMPLETED(once=bad_iteration))
     def _check(engine):
-        assert engine.state.output["event"] == "logits"  # the heads' "cls_logits is NaN or Inf", caught
+        assert engine.state.output.event == "logits"  # the heads' "cls_logits is NaN or Inf", caught
         state = engine.network.state_dict()
-        for k, v in seen["snapshot"].items():
+        for k, v in seen["restored"].items():
             assert torch.equal(state[k], v), k
-        assert engine.optimizer.param_groups[0]["lr"] == pytest.approx(seen["lr"] * guard.lr_backoff)
+        # the corruption does not reproduce from the good state: the search keeps the LR that was running
+        assert guard.log.searches[-1]["trials"][0]["failed"] is False
+        assert engine.optimizer.param_groups[0]["lr"] == seen["lr"]
         seen["checked"] = True
 
     trainer.run()
-    assert seen.get("checked") and seen["snapshot_iteration"] == 4  # refreshed after the first healthy window
+    assert seen.get("checked")
     assert guard.counters["rollbacks"] == 1 and guard.counters["weights_nonfinite"] == 1
-    assert guard.events[0]["kind"] == "weights" and guard.lr_scale == pytest.approx(guard.lr_backoff)
+    assert guard.log.events[0]["kind"] == "weights" and guard.lr.scale == 1.0
     assert finite_weights(trainer.network) and trainer.state.epoch == 3
+
+
+def test_without_search_a_rollback_backs_the_lr_off(tmp_path):
+    trainer, guard = make_trainer(tmp_path, epochs=2, guard_kwargs={"lr_search": False, "patience": 2})
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    poison_gradients(trainer, [3, 4])
+    trainer.run()
+    assert guard.counters["rollbacks"] == 1 and guard.lr.scale == pytest.approx(guard.lr_backoff)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr * guard.lr_backoff)
 
 
 def test_nan_voxel_file_is_skipped_and_quarantined(tmp_path):
@@ -98,56 +112,66 @@ def test_nan_voxel_file_is_skipped_and_quarantined(tmp_path):
     sampler = QuarantineSampler(dataset, quarantine, shuffle=True, seed=1)
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=sampler, collate_fn=no_collation)
     trainer, guard = make_trainer(tmp_path, epochs=4, loader=loader, quarantine=quarantine)
-    files_seen = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: files_seen.append((e.state.epoch, e.state.output)))
-    before_run = state_of(trainer)
+    reports = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: reports.append((e.state.epoch, e.state.output)))
     trainer.run()
-    assert before_run  # the run finished every epoch
     assert trainer.state.epoch == 4 and finite_weights(trainer.network)
-    bad_iterations = [(ep, out["event"]) for ep, out in files_seen if bad_file in out["files"]]
+    bad_iterations = [(ep, out.event) for ep, out in reports if bad_file in out.files]
     assert [ev for _, ev in bad_iterations] == ["input", "input"]  # every batch with it skipped, then it is gone
     assert {ep for ep, _ in bad_iterations} == {1, 2}
-    assert all(out["event"] is None for _, out in files_seen if bad_file not in out["files"])
+    assert all(out.event is None for _, out in reports if bad_file not in out.files)
     assert bad_file in quarantine and len(quarantine) == 1
     report = json.loads((tmp_path / "guard_report.json").read_text())
     assert [q["image"] for q in report["quarantined"]] == [bad_file]
     assert all(e["kind"] == "input" and e["files"] == [bad_file] for e in report["events"])
     saved = json.loads((tmp_path / "quarantine.json").read_text())
     assert saved["quarantined"][0]["image"] == bad_file and saved["quarantined"][0]["source"] == "guard"
-    assert guard.counters["rollbacks"] == 0
+    assert guard.counters["rollbacks"] == 0 and guard.lr.scale == 1.0  # bad data is not the LR's fault
 
 
-def test_learning_rate_overload_recovers(tmp_path):
-    trainer, guard = make_trainer(tmp_path, epochs=6, lr=1e4, guard_kwargs={"snapshot_every": 2, "max_rollbacks": 12})
-    lr0 = trainer.optimizer.param_groups[0]["lr"]
+def test_learning_rate_overload_is_searched_down(tmp_path):
+    trainer, guard = make_trainer(tmp_path, epochs=6, lr=10.0, guard_kwargs={"snapshot_every": 2})
     trainer.run()
     assert trainer.state.epoch == 6 and guard.status == "completed"
-    assert guard.counters["rollbacks"] >= 1
-    assert trainer.optimizer.param_groups[0]["lr"] < lr0 and guard.lr_scale < 1
+    assert guard.counters["rollbacks"] >= 1 and guard.counters["lr_searches"] >= 1
+    first = guard.log.searches[0]
+    assert first["trials"][0] == {"lr": 10.0, "loss": first["trials"][0]["loss"], "failed": True}
+    chosen = first["chosen_lr"]
+    assert chosen is not None and chosen <= 0.1 and guard.lr.scale < 0.01
+    assert trainer.optimizer.param_groups[0]["lr"] <= chosen  # never back above what the search found
+    assert guard.lr.ceiling < 1  # the level that failed is out of reach for growth
     assert finite_weights(trainer.network)
     assert len(guard.quarantine) == 0  # a blow-up fails every file alike: nobody is blamed
 
 
-def test_unrecoverable_run_stops_cleanly(tmp_path):
-    trainer, guard = make_trainer(tmp_path, epochs=5, guard_kwargs={"patience": 2, "max_rollbacks": 2})
-
-    poison_gradients(trainer, range(1, 100), every_parameter=True)
-
+def test_a_fault_that_never_lets_a_step_through_stops_the_run(tmp_path):
+    guard_kwargs = {"patience": 2, "max_refused_in_a_row": 5}
+    trainer, guard = make_trainer(tmp_path, epochs=5, guard_kwargs=guard_kwargs)
+    poison_gradients(trainer, range(3, 100), every_parameter=True)
     snapshot = {}
     trainer.add_event_handler(
-        Events.ITERATION_COMPLETED(once=1), lambda e: snapshot.update(copy.deepcopy(guard.snapshot["network"]))
+        Events.ITERATION_COMPLETED(once=4), lambda e: snapshot.update(copy.deepcopy(guard.snapshot.state["network"]))
     )
     trainer.run()
-    assert guard.status == "stopped" and trainer.state.iteration == 6  # 2 rollbacks, then the third trigger stops
+    # 3 and 4 refused -> one rollback (to the initial state: no window yet); from the good state nothing steps, so
+    # rolling back again is pointless: 5 more refusals in a row stop the run
+    assert guard.status == "stopped" and guard.counters["rollbacks"] == 1 and trainer.state.iteration == 9
     report = json.loads((tmp_path / "guard_report.json").read_text())
-    assert report["status"] == "stopped" and report["counters"]["rollbacks"] == 2
-    assert "stopped by the NaN guard" in report["message"]
+    assert report["status"] == "stopped" and "stopped by the stability guard" in report["message"]
     saved = torch.load(tmp_path / "last_good.pt", weights_only=False)
     for k, v in snapshot.items():
         assert torch.equal(saved["network"][k], v), k
     with pytest.raises(GuardStopped) as stop:
-        guard.raise_if_stopped()
+        guard.raise_if_failed()
     assert stop.value.code and "learning_rate" in str(stop.value.code)  # SystemExit with a message: exit status 1
+
+
+def test_too_many_rollbacks_stop_the_run(tmp_path):
+    trainer, guard = make_trainer(tmp_path, epochs=5, guard_kwargs={"patience": 2, "max_rollbacks": 2})
+    poison_gradients(trainer, [i for i in range(2, 100) if i % 3], every_parameter=True)  # one step in three applies
+    trainer.run()
+    assert guard.status == "stopped" and guard.counters["rollbacks"] == 2
+    assert "2 consecutive refused steps after 2 rollbacks" in guard.message
 
 
 def test_guard_off_behaves_like_the_zoo_trainer(tmp_path):
@@ -165,16 +189,15 @@ def test_guard_off_behaves_like_the_zoo_trainer(tmp_path):
 
 def test_guard_state_survives_a_restart(tmp_path):
     trainer, guard = make_trainer(tmp_path, epochs=2, guard_kwargs={"patience": 1})
-
     poison_gradients(trainer, [3, 6], float("nan"))
-
     trainer.run()
-    state = guard.state_dict()
-    assert state["counters"]["rollbacks"] == 2 and state["lr_scale"] == pytest.approx(guard.lr_backoff**2)
-    resumed = NaNGuard(trainer.network, trainer.optimizer, None, quarantine=Quarantine())
-    resumed.load_state_dict(copy.deepcopy(state))
-    assert resumed.counters == guard.counters and resumed.lr_scale == guard.lr_scale
-    assert resumed.events == guard.events
+    state = copy.deepcopy(guard.state_dict())
+    assert state["counters"]["rollbacks"] == 2 and len(state["log"]["events"]) == 2
+    resumed, resumed_guard = make_trainer(tmp_path / "resumed", epochs=2, guard_kwargs={"patience": 1})
+    resumed_guard.load_state_dict(state)
+    assert resumed_guard.counters == guard.counters and resumed_guard.log.events == guard.log.events
+    assert resumed_guard.lr.ceiling == guard.lr.ceiling and resumed_guard.blame.stats == guard.blame.stats
+    assert resumed_guard.state_dict() == state
 
 
 @pytest.mark.parametrize("kind", ["nan", "inf"])
@@ -184,13 +207,14 @@ def test_nonfinite_input_is_an_event_not_a_crash(tmp_path, kind):
     loader = torch.utils.data.DataLoader(Dataset(samples), batch_size=1, collate_fn=no_collation)
     trainer, guard = make_trainer(tmp_path, epochs=1, loader=loader)
     trainer.run()
-    assert guard.events[0]["kind"] == "input" and guard.counters["skipped_steps"] == 1
+    assert guard.log.events[0]["kind"] == "input" and guard.counters["skipped_steps"] == 1
     assert finite_weights(trainer.network)
 
 
-def test_too_large_updates_roll_back_and_back_off(tmp_path):
+def test_too_large_updates_roll_back_and_search_an_lr_that_moves_less(tmp_path):
     # finite, spike-free steps that move the weights more than max_update_ratio per step (an LR far too high)
-    trainer, guard = make_trainer(tmp_path, epochs=1, guard_kwargs={"snapshot_every": 2, "max_update_ratio": 1e-4})
+    guard_kwargs = {"snapshot_every": 2, "max_update_ratio": 1e-4}
+    trainer, guard = make_trainer(tmp_path, epochs=1, guard_kwargs=guard_kwargs)
     names = [n for n, _ in trainer.network.named_parameters()]
     seen = {"steps": []}
     trainer.optimizer.register_step_post_hook(
@@ -204,17 +228,20 @@ def test_too_large_updates_roll_back_and_back_off(tmp_path):
 
     @trainer.on(Events.ITERATION_COMPLETED(once=2))
     def _check(engine):
-        assert engine.state.output["event"] is None  # the step itself was clean
+        assert engine.state.output.event is None  # the step itself was clean
         for k, v in seen["start"].items():  # rolled back to the snapshot of iteration 1, exactly
             assert torch.equal(engine.network.state_dict()[k], v), k
-        assert engine.optimizer.param_groups[0]["lr"] == pytest.approx(seen["lr"] * guard.lr_backoff)
+        search = guard.log.searches[0]
+        assert search["trials"][0] == {"lr": seen["lr"], "loss": search["trials"][0]["loss"], "failed": True}
+        lr = engine.optimizer.param_groups[0]["lr"]
+        assert lr == pytest.approx(search["chosen_lr"]) and lr < seen["lr"]
         seen["checked"] = True
 
     trainer.run()
     assert seen.get("checked")
-    event = guard.events[0]
+    event = guard.log.events[0]
     assert event["kind"] == "update" and event["iteration"] == 2 and event["files"] == []  # no file is blamed
-    assert guard.counters["skipped_steps"] == 0 and guard.counters["rollbacks"] >= 1 and len(guard.quarantine) == 0
+    assert guard.counters["skipped_steps"] == 0 and len(guard.quarantine) == 0
     # the ratio it acted on: how far 2 steps moved the weights from the snapshot, relative to its norm, per step
     start, after_2 = seen["start"], seen["steps"][1]
     moved = torch.nn.utils.get_total_norm([after_2[n] - start[n] for n in names])
@@ -222,8 +249,18 @@ def test_too_large_updates_roll_back_and_back_off(tmp_path):
     assert event["update_ratio"] == pytest.approx(expected, rel=1e-5) and expected > 1e-4
 
 
-def test_healthy_updates_do_not_roll_back(tmp_path):
-    trainer, guard = make_trainer(tmp_path, epochs=2, guard_kwargs={"snapshot_every": 2})
-    trainer.run()
-    assert 0 < guard.update_ratio < guard.max_update_ratio and guard.counters["rollbacks"] == 0
-    assert guard.snapshot_iteration == 8  # refreshed at every window
+def test_healthy_run_is_untouched_by_the_lr_check(tmp_path):
+    # the check at the end of the warm-up tries smaller LRs from a copy of the state; a healthy LR is kept and the
+    # run goes on bitwise as if nothing had been tried (state, random generators)
+    torch.manual_seed(0)
+    checked, checked_guard = make_trainer(tmp_path / "a", epochs=3, guard_kwargs={"snapshot_every": 2})
+    checked.run()
+    torch.manual_seed(0)
+    plain, _ = make_trainer(tmp_path / "b", epochs=3, guard_kwargs={"snapshot_every": 2, "lr_search": False})
+    plain.run()
+    assert checked_guard.counters["lr_searches"] == 1 and checked_guard.log.searches[0]["iteration"] == 8
+    assert checked_guard.log.searches[0]["chosen_lr"] == 0.002
+    assert all(v == 0 for k, v in checked_guard.counters.items() if k != "lr_searches")
+    assert 0 < checked_guard.update_ratio < checked_guard.max_update_ratio
+    assert checked_guard.snapshot.iteration == 12  # refreshed at every window
+    assert_same_state(state_of(checked), state_of(plain))

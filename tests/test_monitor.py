@@ -36,9 +36,12 @@ class RecordingMLflow(MLFlowHandler):
 
 
 def run_monitored(tmp_path, epochs=2, poison_iteration=None, mlflow=None, weight_norms=None):
-    monitor = TrainingMonitor(log_dir=str(tmp_path / "tb"), log_every=0, csv_path=str(tmp_path / "log.csv"))
-    handlers = [monitor] + ([mlflow] if mlflow is not None else [])
-    trainer, guard = make_trainer(tmp_path, epochs, guard_kwargs={"snapshot_every": 2}, handlers=handlers)
+    trainer, guard = make_trainer(tmp_path, epochs, guard_kwargs={"snapshot_every": 2})
+    TrainingMonitor(log_dir=str(tmp_path / "tb"), log_every=0, csv_path=str(tmp_path / "log.csv"), guard=guard).attach(
+        trainer
+    )
+    if mlflow is not None:
+        mlflow.attach(trainer)
     if weight_norms is not None:  # the norm of the weights each iteration starts from
         params = list(trainer.network.parameters())
         trainer.add_event_handler(
@@ -60,12 +63,13 @@ def test_csv_and_tensorboard_have_every_iteration(tmp_path):
     assert int(rows[-1]["skipped_steps"]) == 1 == guard.counters["skipped_steps"]
     assert [float(r["weight_norm"]) for r in rows] == pytest.approx(weight_norms, rel=1e-6)
     assert weight_norms[3] == weight_norms[2] != weight_norms[1]  # the skipped step 3 left the weights alone
-    assert all(float(r["lr"]) == 0.01 and float(r["amp_scale"]) == 1.0 for r in rows)
+    assert all(float(r["lr"]) == 0.002 and float(r["amp_scale"]) == 1.0 for r in rows)
     assert math.isnan(float(rows[0]["update_ratio"])) and float(rows[-1]["update_ratio"]) > 0
-    assert float(rows[-1]["grad_norm"]) == trainer.state.output["grad_norm"]
+    assert float(rows[-1]["grad_norm"]) == trainer.state.output.grad_norm
+    assert all(0 < float(r["positive_score"]) < 1 for r in rows if not r["event"])
     tb = EventAccumulator(str(tmp_path / "tb"))
     tb.Reload()
-    for tag in ("train/loss", "train/grad_norm", "train/weight_norm", "train/lr", "train/rollbacks"):
+    for tag in ("train/loss", "train/grad_norm", "train/weight_norm", "train/lr", "train/rollbacks", "train/score_gap"):
         assert [e.step for e in tb.Scalars(tag)] == list(range(1, 9)), tag
     assert [e.value for e in tb.Scalars("train/event")] == [0, 0, 1, 0, 0, 0, 0, 0]
 

@@ -1,0 +1,95 @@
+"""The last good training state in host memory, and how far the weights have moved from it.
+
+Ignite's `Checkpoint` writes to disk and GradScaler only skips fp16 overflow steps; rolling back within a run
+needs an exact in-memory copy of everything a step changes, hence this small class.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+__all__ = ["Snapshot", "to_host", "weights_finite"]
+
+
+def to_host(obj: Any) -> Any:
+    """A deep copy of a (nested) state dict with every tensor cloned to host memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def weights_finite(network: torch.nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer of ``network`` is finite (one host sync)."""
+    tensors = [t for t in (*network.parameters(), *network.buffers()) if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+class Snapshot:
+    """
+    An exact host-memory copy of the network, optimiser, GradScaler and LR scheduler, taken with `take` and
+    loaded back with `restore`.
+
+    Args:
+        network: the trained network.
+        optimizer: its optimiser.
+        scaler: the GradScaler of fp16 training, if any.
+        lr_scheduler: the LR scheduler, if any.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler | None = None,
+        lr_scheduler: Any = None,
+    ) -> None:
+        self.network = network
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.lr_scheduler = lr_scheduler
+        self.state: dict[str, Any] | None = None
+        self.iteration = 0  # the number of iterations completed when it was taken
+
+    def network_state(self) -> dict[str, torch.Tensor]:
+        """A host copy of the network's current state dict (to measure it, then perhaps keep it with `take`)."""
+        return to_host(self.network.state_dict())
+
+    def take(self, iteration: int, network_state: dict[str, torch.Tensor] | None = None) -> None:
+        """Copy everything to host memory (``network_state``: a host copy of the network made just before)."""
+        self.state = to_host(
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+            }
+        )
+        self.state["network"] = network_state if network_state is not None else self.network_state()
+        self.iteration = iteration
+
+    def restore(self) -> None:
+        """Load the snapshot back, exactly: parameters, buffers, optimiser, scaler and scheduler."""
+        if self.state is None:
+            raise RuntimeError("no snapshot has been taken")
+        self.network.load_state_dict(self.state["network"])
+        self.optimizer.load_state_dict(copy.deepcopy(self.state["optimizer"]))
+        if self.scaler is not None and self.state["scaler"] is not None:
+            self.scaler.load_state_dict(self.state["scaler"])
+        if self.lr_scheduler is not None and self.state["lr_scheduler"] is not None:
+            self.lr_scheduler.load_state_dict(copy.deepcopy(self.state["lr_scheduler"]))
+
+    def update_ratio(self, network_state: dict[str, torch.Tensor], steps: int) -> float:
+        """``||w - w_snapshot|| / ||w_snapshot||`` over the trained parameters, per step since it was taken."""
+        if self.state is None:
+            raise RuntimeError("no snapshot has been taken")
+        old = self.state["network"]
+        names = [n for n, p in self.network.named_parameters() if p.requires_grad]
+        moved = torch.nn.utils.get_total_norm([network_state[n].float() - old[n].float() for n in names])
+        norm = torch.nn.utils.get_total_norm([old[n].float() for n in names])
+        return float(moved / norm.clamp_min(1e-12)) / max(steps, 1)
