@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -264,3 +266,55 @@ def test_healthy_run_is_untouched_by_the_lr_check(tmp_path):
     assert 0 < checked_guard.update_ratio < checked_guard.max_update_ratio
     assert checked_guard.snapshot.iteration == 12  # refreshed at every window
     assert_same_state(state_of(checked), state_of(plain))
+
+
+def test_a_backed_off_lr_grows_back_and_stays_below_what_failed(tmp_path):
+    # an earlier back-off (x0.01) that the run does not need: every growth_interval healthy iterations the guard tries
+    # one step up (x sqrt(10)) from a copy of the state, and takes it since it learns about as well
+    guard_kwargs = {"growth_interval": 8, "snapshot_every": 4}
+    trainer, guard = make_trainer(tmp_path, epochs=8, guard_kwargs=guard_kwargs)
+    guard.lr.failed_at(0.002 * 10**-0.5)  # the level that failed: growth stops below it
+    guard.lr.back_off(0.01)
+    trainer.run()
+    scales = [s["chosen_lr"] / 0.002 for s in guard.log.searches if s["iteration"] > 8]
+    assert guard.lr.scale > 0.01 and max(scales) > 0.01  # grew
+    assert guard.lr.scale <= guard.lr.ceiling < 1.0  # ... and stays under the ceiling
+    assert guard.counters["rollbacks"] == 0  # growing needs no rollback
+
+
+def test_a_collapsed_score_gap_is_a_stall_that_the_search_examines(tmp_path):
+    # the detector stops telling nodules from background after iteration 12 (a faked report): a stall; the search
+    # finds that a smaller LR does not do better, so the run goes on from where it was
+    def transform(report):
+        collapsed = report.stepped and transform.calls > 12
+        transform.calls += 1
+        return dataclasses.replace(report, negative_score=report.positive_score) if collapsed else report
+
+    transform.calls = 0
+    guard_kwargs = {"snapshot_every": 2, "stall_windows": 2, "output_transform": transform}
+    trainer, guard = make_trainer(tmp_path, epochs=8, guard_kwargs=guard_kwargs)
+    trainer.run()
+    stall = next(e for e in guard.log.events if e["kind"] == "stall")
+    assert guard.counters["stalls"] >= 1 and stall["iteration"] > 12 and stall["files"] == []
+    search = next(s for s in guard.log.searches if s["iteration"] == stall["iteration"])
+    assert search["chosen_lr"] == search["trials"][0]["lr"] == 0.002  # the LR is not the cause
+    assert guard.counters["rollbacks"] == 0 and guard.lr.scale == 1.0
+    assert guard.status == "completed" and finite_weights(trainer.network)
+
+
+def test_a_run_whose_detector_learned_nothing_ends_non_zero(tmp_path):
+    class Validator:  # what the guard reads of MONAI's evaluator: the best key metric and its epoch
+        state = types.SimpleNamespace(best_metric=0.004, best_metric_epoch=2)
+
+    trainer, guard = make_trainer(tmp_path, epochs=1, guard_kwargs={"validator": Validator()})
+    trainer.run()
+    assert guard.status == "not_learned"
+    report = json.loads((tmp_path / "guard_report.json").read_text())
+    assert report["status"] == "not_learned" and report["best_validation"] == 0.004
+    with pytest.raises(GuardStopped, match="did not learn"):
+        guard.raise_if_failed()
+    Validator.state.best_metric = 0.5
+    trainer, guard = make_trainer(tmp_path / "learned", epochs=1, guard_kwargs={"validator": Validator()})
+    trainer.run()
+    assert guard.status == "completed"
+    guard.raise_if_failed()  # no exit

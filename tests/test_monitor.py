@@ -82,3 +82,22 @@ def test_mlflow_gets_every_scalar_as_floats(tmp_path):
     for _, metrics in mlflow.logged:
         assert {"train_loss", "train_loss_cls", "train_grad_norm", "train_weight_norm", "train_lr"} <= set(metrics)
         assert all(isinstance(v, (float, int)) for v in metrics.values())
+
+
+def test_run_cost_says_once_how_long_the_run_will_take(caplog):
+    import time
+
+    from ignite.engine import Engine
+
+    from scripts.run_cost import RunCostEstimate
+
+    engine = Engine(lambda e, batch: time.sleep(0.01))
+    engine.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "device", torch.device("cpu")))
+    RunCostEstimate(after=2, hint_hours=1e-6).attach(engine)
+    with caplog.at_level("INFO", logger="scripts.run_cost"):
+        engine.run(range(5), max_epochs=4)
+    lines = [r for r in caplog.records if r.name == "scripts.run_cost"]
+    assert "4 epochs x 5 iterations (20 to go)" in lines[0].getMessage()
+    estimate = [r for r in lines if "per iteration" in r.getMessage()]
+    assert len(estimate) == 1 and estimate[0].levelname == "WARNING"  # once; and on a CPU, the demo command
+    assert "configs/demo.json" in estimate[0].getMessage()
