@@ -223,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sgd-lr", type=float, default=0.01, help="the recipe's SGD learning rate")
     parser.add_argument("--adamw-lr", type=float, default=1e-3, help="the recipe's AdamW learning rate")
     parser.add_argument("--faults", nargs="+", choices=FAULTS, help="a subset (healthy baselines are added)")
+    parser.add_argument("--rerun", action="store_true", help="run again the faults OUT/matrix.json already has")
     args = parser.parse_args(argv)
 
     os.makedirs(args.out, exist_ok=True)
@@ -238,13 +239,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     faults = [f for f in faults if f.name in chosen and (cuda or not f.needs_cuda)]
     common = {"epochs": args.epochs, "val_interval": args.val_interval}
     outcomes: dict[str, Outcome] = {}
+    results = os.path.join(args.out, "matrix.json")
+    if os.path.exists(results) and not args.rerun:  # an interrupted or extended matrix goes on where it was
+        with open(results) as f:
+            outcomes = {k: Outcome(**v) for k, v in json.load(f).items()}
     for fault in faults:
+        if fault.name in outcomes:
+            continue
         fault_data = (
             poisoned_copy(data, os.path.join(args.out, "data_nan_voxel")) if fault.data == "nan_voxel" else data
         )
         outcomes[fault.name] = run_fault(fault, fault_data, args.out, args.configs, common)
         print(f"{fault.name}: {asdict(outcomes[fault.name])}", flush=True)
-        write_json(os.path.join(args.out, "matrix.json"), {k: asdict(v) for k, v in outcomes.items()})
+        write_json(results, {k: asdict(v) for k, v in outcomes.items()})
     device = torch.cuda.get_device_name() if cuda else f"CPU, {os.cpu_count()} cores"
     text = table(faults, outcomes)
     header = f"data {data}, configs {args.configs}, {args.epochs} epochs, {device}"
