@@ -25,13 +25,18 @@ logger = logging.getLogger(__name__)
 
 
 def image_path(item: Any) -> str:
-    """The image file of a datalist item, a loaded sample (``image.meta``) or a plain path, as an absolute path."""
+    """
+    The image file of a datalist item, a loaded sample (``image.meta``) or a plain path, as an absolute path: the
+    one way the bundle names a file (``""`` for an image that came from no file).
+    """
     if isinstance(item, dict):
         item = item["image"]
     meta = getattr(item, "meta", None)
     if meta is not None:
         item = meta.get("filename_or_obj", "")
-    return os.path.abspath(str(item))
+    elif not isinstance(item, (str, os.PathLike)):
+        return ""
+    return os.path.abspath(str(item)) if str(item) else ""
 
 
 class Quarantine:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from scripts.detector import ANCHOR_SCORE_NAMES, ANCHOR_SCORES
 from scripts.distributed import is_distributed
+from scripts.quarantine import image_path
 from scripts.step_report import EVENT_KINDS, StepReport, read_to_host
 
 __all__ = ["StabilisedDetectionTrainer", "detection_prepare_batch"]
@@ -42,7 +43,7 @@ def detection_prepare_batch(
     targets = [
         {k: s[k].to(device=device, non_blocking=non_blocking, **kwargs) for k in ("box", "label")} for s in samples
     ]
-    files = [str(s["image"].meta.get("filename_or_obj", "")) if hasattr(s["image"], "meta") else "" for s in samples]
+    files = [image_path(s["image"]) for s in samples]
     return images, targets, files
 
 
