@@ -11,10 +11,10 @@ own iterations only.
 
 from __future__ import annotations
 
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 
-__all__ = ["InfGradients", "LossScaleOverflow"]
+__all__ = ["Crash", "InfGradients", "LossScaleOverflow"]
 
 
 class InfGradients:
@@ -71,3 +71,23 @@ class LossScaleOverflow:
         if self.saved is not None:
             engine.scaler.update(self.saved)
             self.saved = None
+
+
+class Crash:
+    """
+    Raises ``RuntimeError(message)`` at the end of iteration ``iteration``: a crash (a bug, an out-of-memory error)
+    in the middle of training, to check that the final checkpoint and the guard's report are still written.
+
+    Args:
+        iteration: the iteration that crashes.
+        message: the error's text.
+    """
+
+    def __init__(self, iteration: int, message: str = "injected crash") -> None:
+        self.iteration, self.message = iteration, message
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED(once=self.iteration), self)
+
+    def __call__(self, engine: Engine) -> None:
+        raise RuntimeError(self.message)

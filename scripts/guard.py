@@ -215,8 +215,12 @@ class StabilityGuard:
             return
         if self.anchor is not None and len(self.batches) == self.search_iters:
             self._check_lr(engine)
-        elif engine.state.iteration - self.last_lr_change >= self.growth_interval and self.lr.can_grow():
+        elif self.lr_search and self.lr.can_grow() and self._healthy_for(engine) >= self.growth_interval:
             self._grow(engine)
+
+    def _healthy_for(self, engine: Engine) -> int:
+        """Iterations since the LR last changed (or was tried higher)."""
+        return engine.state.iteration - self.last_lr_change
 
     def _end_window(self, engine: Engine, report: StepReport) -> bool:
         """Update ratio, learning signal and snapshot refresh; ``False`` when the window ended in a rollback."""

@@ -175,3 +175,14 @@ def test_poisoned_data_is_named_by_check_data_and_excluded_from_training(tmp_pat
         "training", tmp_path / "strict", TINY_CONFIG, check=False, dataset_dir=str(data), data_check="strict"
     )
     assert strict.returncode != 0 and not (tmp_path / "strict" / "models").exists()
+
+
+def test_a_crash_leaves_the_final_checkpoint_and_the_guard_report(tmp_path):
+    crash = {"_target_": "scripts.faults.Crash", "iteration": 3, "message": "injected crash for the test"}
+    result = bundle("training", tmp_path, TINY_CONFIG, check=False, epochs=2, train__handlers__fault=crash)
+    assert result.returncode != 0 and "injected crash for the test" in result.stderr
+    checkpoint = torch.load(tmp_path / "models" / "checkpoint_final.pt", weights_only=True)
+    assert {"model", "optimizer", "guard", "trainer"} <= set(checkpoint) and checkpoint["trainer"]["iteration"] == 3
+    report = json.load(open(tmp_path / "eval" / "guard_report.json"))
+    assert report["status"] == "crashed: RuntimeError: injected crash for the test"
+    assert torch.load(tmp_path / "models" / "last_good.pt", weights_only=True)["network"]  # the last good state too
