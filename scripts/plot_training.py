@@ -1,6 +1,7 @@
 """
 A figure of a training run from the monitor's CSV (`output_dir/train_log.csv`): loss parts, gradient norm before
-clipping, the guard's update ratio, learning rate, and the guard's events and rollbacks over iterations.
+clipping, the guard's update ratio, the detector's score gap (positive minus background anchor score: is it
+learning?), learning rate, and the guard's events and rollbacks over iterations.
 
     python -m scripts.plot_training eval/train_log.csv docs/stress_run.png --title "guarded stress run"
 """
@@ -26,9 +27,9 @@ def read_log(path: str) -> dict[str, list]:
 
 
 def plot(log: dict[str, list], out: str, title: str = "") -> None:
-    """Write the five-panel figure to ``out`` (PNG)."""
+    """Write the six-panel figure to ``out`` (PNG)."""
     it = log["iteration"]
-    fig, axes = plt.subplots(5, 1, figsize=(9, 11), sharex=True)
+    fig, axes = plt.subplots(6, 1, figsize=(9, 13), sharex=True)
     axes[0].semilogy(it, log["loss"], label="loss", lw=0.8)
     axes[0].semilogy(it, log["loss_cls"], label="classification", lw=0.6, alpha=0.7)
     axes[0].semilogy(it, log["loss_reg"], label="box regression", lw=0.6, alpha=0.7)
@@ -39,19 +40,24 @@ def plot(log: dict[str, list], out: str, title: str = "") -> None:
     ratios = log.get("update_ratio", [float("nan")] * len(it))  # measured at each snapshot window
     axes[2].semilogy(it, ratios, ".-", ms=2, lw=0.6, color="tab:orange")
     axes[2].set_ylabel("update ratio\n(per step)")
-    axes[3].semilogy(it, log["lr"], color="tab:green")
-    axes[3].set_ylabel("learning rate")
+    gaps = log.get("score_gap", [float("nan")] * len(it))
+    axes[3].plot(it, gaps, lw=0.4, alpha=0.5, color="tab:brown", label="per iteration")
+    axes[3].plot(it, log.get("score_gap_level", gaps), lw=1.0, color="tab:brown", label="guard's smoothed level")
+    axes[3].set_ylabel("score gap\n(pos - background)")
+    axes[3].legend(loc="upper left", fontsize=8)
+    axes[4].semilogy(it, log["lr"], color="tab:green")
+    axes[4].set_ylabel("learning rate")
     events = [i for i, e in zip(it, log["event"]) if e]
     rollbacks = [i for i, prev, cur in zip(it[1:], log["rollbacks"], log["rollbacks"][1:]) if cur > prev]
-    axes[4].step(it, log["skipped_steps"], where="post", label="skipped steps")
-    axes[4].step(it, log["rollbacks"], where="post", label="rollbacks")
+    axes[5].step(it, log["skipped_steps"], where="post", label="skipped steps")
+    axes[5].step(it, log["rollbacks"], where="post", label="rollbacks")
     for ax in axes:
         for i in rollbacks:
             ax.axvline(i, color="tab:red", lw=0.6, alpha=0.5)
-    axes[4].plot(events, [0] * len(events), "x", color="tab:red", label="events")
-    axes[4].set_ylabel("guard")
-    axes[4].set_xlabel("iteration")
-    axes[4].legend(loc="upper left", fontsize=8)
+    axes[5].plot(events, [0] * len(events), "x", color="tab:red", label="events")
+    axes[5].set_ylabel("guard")
+    axes[5].set_xlabel("iteration")
+    axes[5].legend(loc="upper left", fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
