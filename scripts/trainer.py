@@ -13,7 +13,7 @@ import logging
 import math
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from ignite.engine import Events
@@ -26,17 +26,25 @@ from scripts.distributed import is_distributed
 from scripts.quarantine import image_path
 from scripts.step_report import EVENT_KINDS, StepReport, read_to_host
 
-__all__ = ["StabilisedDetectionTrainer", "detection_prepare_batch"]
+__all__ = ["DetectionBatch", "StabilisedDetectionTrainer", "detection_prepare_batch"]
 
 logger = logging.getLogger(__name__)
 
 
+class DetectionBatch(NamedTuple):
+    """The detector's inputs for one step: images, targets (``box``, ``label``) and each crop's file."""
+
+    images: list[torch.Tensor]
+    targets: list[dict[str, torch.Tensor]]
+    files: list[str]
+
+
 def detection_prepare_batch(
     batchdata: list, device: torch.device | str | None = None, non_blocking: bool = False, **kwargs: Any
-) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]], list[str]]:
+) -> DetectionBatch:
     """
     Flatten a batch of cropped samples (a list per image, as `RandCropBoxByPosNegLabeld` makes them with
-    `no_collation`) into the detector's inputs: images, targets (``box``, ``label``) and each crop's file.
+    `no_collation`) into the detector's inputs.
     """
     samples = [s for item in batchdata for s in (item if isinstance(item, (list, tuple)) else [item])]
     images = [s["image"].to(device=device, non_blocking=non_blocking, **kwargs) for s in samples]
@@ -44,7 +52,7 @@ def detection_prepare_batch(
         {k: s[k].to(device=device, non_blocking=non_blocking, **kwargs) for k in ("box", "label")} for s in samples
     ]
     files = [image_path(s["image"]) for s in samples]
-    return images, targets, files
+    return DetectionBatch(images, targets, files)
 
 
 def _ratio(total: float, count: float) -> float:
@@ -83,7 +91,7 @@ class StabilisedDetectionTrainer(Trainer):
         scaler: the GradScaler of fp16 training (``None``: none; give one when ``amp`` is on and the device is CUDA).
         train_handlers: ignite handlers with ``attach(engine)``.
         non_blocking: non-blocking host-to-device copies.
-        prepare_batch: turns a loader batch into ``(images, targets, files)``.
+        prepare_batch: turns a loader batch into a `DetectionBatch`.
         key_train_metric, additional_metrics, metric_cmp_fn, event_names, event_to_attr:
             as in MONAI's `Trainer`.
     """
@@ -195,7 +203,8 @@ class StabilisedDetectionTrainer(Trainer):
         The stabilised step on one loader batch. ``fire_events=False`` runs it without MONAI's iteration events
         (``LOSS_COMPLETED``, ``BACKWARD_COMPLETED``): the trial steps of an LR search are not iterations of the run.
         """
-        images, targets, files = self.prepare_batch(batchdata, self.state.device, self.non_blocking)
+        batch = self.prepare_batch(batchdata, self.state.device, self.non_blocking)
+        images, targets, files = batch.images, batch.targets, batch.files
         self.detector.train()
         self.optimizer.zero_grad(set_to_none=True)
         saved_buffers = [b.clone() for b in self.buffers] if self.skip_nonfinite else []
