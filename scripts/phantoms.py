@@ -31,6 +31,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from scripts.errors import UserError
 from scripts.json_io import write_json
 
 __all__ = ["DEFAULT_SHAPE", "DEFAULT_SPACING", "generate_case", "generate_dataset", "ensure_dataset"]
@@ -374,6 +375,14 @@ def generate_dataset(
     return datalist_path
 
 
+def _may_generate_into(dataset_dir: str, default_dir: str | None) -> bool:
+    """Whether phantoms may be written into ``dataset_dir``: the bundle's default data folder, or a folder that does
+    not exist yet or is empty (never a folder that holds someone's data)."""
+    if default_dir is not None and os.path.realpath(dataset_dir) == os.path.realpath(default_dir):
+        return True
+    return not os.path.exists(dataset_dir) or (os.path.isdir(dataset_dir) and not os.listdir(dataset_dir))
+
+
 def ensure_dataset(
     data_list_file_path: str,
     dataset_dir: str,
@@ -381,15 +390,25 @@ def ensure_dataset(
     num_val: int = 8,
     seed: int = 0,
     shape: Sequence[int] = DEFAULT_SHAPE,
+    default_dir: str | None = None,
 ) -> str:
     """Return ``data_list_file_path`` if it exists, else generate the phantom set into ``dataset_dir`` first.
 
-    The datalist may live inside ``dataset_dir`` (the usual case) or anywhere else; image paths in it are relative
-    to ``dataset_dir``. Since the datalist is written last, an interrupted generation is redone on the next call.
+    Phantoms are generated only into the bundle's default data folder (``default_dir``) or into a folder that does
+    not exist yet or is empty: a datalist missing beside a user's data is a mistyped path, and raises a `UserError`
+    naming it, instead of filling the user's folder with phantoms. The datalist may live inside ``dataset_dir`` (the
+    usual case) or anywhere else; image paths in it are relative to ``dataset_dir``. Since the datalist is written
+    last, an interrupted generation is redone on the next call.
     """
     if os.path.exists(data_list_file_path):
         logger.info("using the existing datalist %s", data_list_file_path)
         return data_list_file_path
+    if not _may_generate_into(dataset_dir, default_dir):
+        raise UserError(
+            f"datalist {os.path.abspath(data_list_file_path)} does not exist; dataset_dir "
+            f"{os.path.abspath(dataset_dir)} already holds files, so no phantoms are generated into it: "
+            "check data_list_file_path"
+        )
     logger.info("no datalist at %s: generating phantoms into %s", data_list_file_path, dataset_dir)
     return generate_dataset(
         dataset_dir,
