@@ -2,23 +2,54 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
-import json
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from ignite.engine import Engine, Events
 
+from scripts.data_check import Rejected, load_datalist
+from scripts.data_checks import resolve_image
+from scripts.errors import UserError, describe
 from scripts.json_io import write_json
+from scripts.quarantine import image_path
 
-__all__ = ["DetectionWriter", "image_name", "list_inputs", "load_network"]
+__all__ = ["DetectionWriter", "Failure", "InferenceFailed", "image_name", "list_inputs", "load_network"]
 
 logger = logging.getLogger(__name__)
 
 NIFTI_PATTERNS = ("*.nii.gz", "*.nii")
+
+
+class InferenceFailed(UserError):
+    """Some images got no result; the message says how many and where they are listed."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """
+    An image that got no result.
+
+    Args:
+        image: its name as the result lists it.
+        problem: a short code (the data check's codes, or ``load_failed``, ``nonfinite_prediction``,
+            ``out_of_memory``).
+        message: one line saying what went wrong.
+    """
+
+    image: str
+    problem: str
+    message: str
+
+    @classmethod
+    def from_rejected(cls, rejected: Rejected) -> Failure:
+        """The failure of an input the data check refused."""
+        problems = "; ".join(sorted({f.problem for f in rejected.errors}))
+        return cls(image_name(rejected.item), problems, "; ".join(f.message for f in rejected.errors))
 
 
 def list_inputs(data_list_file_path: str, dataset_dir: str, data_list_key: str = "validation") -> list[dict[str, str]]:
@@ -28,55 +59,92 @@ def list_inputs(data_list_file_path: str, dataset_dir: str, data_list_key: str =
     When ``data_list_file_path`` names an existing datalist, its ``data_list_key`` list is used, each ``image``
     resolved against ``dataset_dir`` when relative and written back as it is in the datalist. Otherwise (an empty
     path, or a datalist that does not exist) every NIfTI file directly in ``dataset_dir`` is used, sorted, each
-    written as its path relative to ``dataset_dir``.
+    written as its path relative to ``dataset_dir``. Raises `UserError` when there is nothing to run on.
     """
     if data_list_file_path and os.path.isfile(data_list_file_path):
-        with open(data_list_file_path) as f:
-            datalist = json.load(f)
-        if data_list_key not in datalist:
-            raise KeyError(f"datalist {data_list_file_path} has no {data_list_key!r} list; it has {sorted(datalist)}")
-        names = [item["image"] for item in datalist[data_list_key]]
+        datalist = load_datalist(data_list_file_path)
+        where = f"datalist {os.path.abspath(data_list_file_path)}"
+        if not isinstance(datalist, dict) or not isinstance(datalist.get(data_list_key), list):
+            keys = sorted(datalist) if isinstance(datalist, dict) else []
+            raise UserError(f"{where} has no {data_list_key!r} list (it has {keys}): set data_list_key")
+        names = []
+        for i, item in enumerate(datalist[data_list_key]):
+            if not (isinstance(item, dict) and isinstance(item.get("image"), str) and item["image"]):
+                raise UserError(f"{where}: {data_list_key}[{i}] has no image path: {str(item)[:80]}")
+            names.append(item["image"])
+        if not names:
+            raise UserError(f"{where}: the {data_list_key!r} list is empty")
     else:
         found = sorted({p for pattern in NIFTI_PATTERNS for p in glob.glob(os.path.join(dataset_dir, pattern))})
         if not found:
-            raise FileNotFoundError(
-                f"no datalist at {data_list_file_path!r} and no NIfTI files (*.nii, *.nii.gz) in {dataset_dir!r}"
+            datalist = f"no datalist at {data_list_file_path}" if data_list_file_path else "no datalist given"
+            raise UserError(
+                f"{datalist} and no NIfTI files (*.nii, *.nii.gz) in {os.path.abspath(dataset_dir)}: "
+                "set dataset_dir to the folder of the images, or data_list_file_path"
             )
         if data_list_file_path:
             logger.warning(
                 f"datalist {data_list_file_path} not found: running on the {len(found)} NIfTI files of {dataset_dir}"
             )
         names = [os.path.relpath(p, dataset_dir) for p in found]
-    return [{"image": os.path.abspath(os.path.join(dataset_dir, n)), "image_name": n} for n in names]
+    return [{"image": resolve_image(n, dataset_dir), "image_name": n} for n in names]
+
+
+def _state_dict_mismatch(network: torch.nn.Module, state: Any) -> str:
+    """Why ``state`` is not a state dict of ``network`` (``""`` when it is: same keys, same shapes)."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return "it holds no network weights (a state dict, or a checkpoint with a 'model' entry)"
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or reshaped):
+        return ""
+    first = (missing or unexpected or reshaped)[0]
+    return (
+        f"its weights are for another network: {len(missing)} of the {len(expected)} tensors of network_def "
+        f"missing, {len(unexpected)} unexpected, {len(reshaped)} of another shape (first: {first})"
+    )
 
 
 def load_network(model_path: str, network_def: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
     """
     The trained network on ``device``: a TorchScript module when ``model_path`` ends with ``.ts``, otherwise
     ``network_def`` with the weights of the checkpoint ``model_path`` loaded strictly (a bare state dict as
-    `CheckpointSaver` writes ``model.pt``, or a training checkpoint with a ``model`` entry).
+    `CheckpointSaver` writes ``model.pt``, or a training checkpoint with a ``model`` entry). Raises `UserError`
+    naming the file when it is missing, unreadable, or holds weights for another network.
     """
-    if model_path.endswith(".ts"):
-        return torch.jit.load(model_path, map_location=device)
-    state = torch.load(model_path, map_location=device, weights_only=True)
+    path = os.path.abspath(str(model_path))
+    if not os.path.isfile(path):
+        raise UserError(f"model file {path} does not exist: train a model first, or set model_path")
+    try:
+        if path.endswith(".ts"):
+            return torch.jit.load(path, map_location=device)
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # whatever torch makes of a damaged file, it is the file's fault
+        raise UserError(f"model file {path} cannot be read ({describe(e)}): is it a complete .pt or .ts file?") from e
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
+    why = _state_dict_mismatch(network_def, state)
+    if why:
+        raise UserError(
+            f"model file {path} does not fit network_def: {why}; "
+            "use the config the model was trained with (e.g. add configs/demo.json for the demo model)"
+        )
     network_def.load_state_dict(state, strict=True)
     return network_def.to(device)
 
 
 def image_name(item: dict[str, Any]) -> str:
     """The name an input item is reported under: its ``image_name``, else the file its image was loaded from."""
-    if item.get("image_name"):
-        return str(item["image_name"])
-    meta = getattr(item["image"], "meta", {})
-    return str(meta.get("filename_or_obj", ""))
+    return str(item.get("image_name") or image_path(item))
 
 
 class DetectionWriter:
     """
-    Writes the predictions of an evaluator run as a datalist-format JSON,
-    ``{data_list_key: [{"image", "box", "label", "label_scores"}]}``, one entry per image in loading order.
+    Writes the predictions of an inference run as a datalist-format JSON,
+    ``{data_list_key: [{"image", "box", "label", "label_scores"}], "failed": [{"image", "problem", "message"}]}``,
+    rewritten atomically after every image, so that a crash or a kill loses at most the image in flight.
 
     Args:
         output_dir: folder of the result file (created if missing).
@@ -93,21 +161,11 @@ class DetectionWriter:
         filename: str = "result.json",
         data_list_key: str = "validation",
     ) -> None:
-        self.output_dir = output_dir
+        self.path = os.path.join(output_dir, filename)
         self.postprocessing = postprocessing
-        self.filename = filename
         self.data_list_key = data_list_key
         self.results: list[dict[str, Any]] = []
-
-    def attach(self, engine: Engine) -> None:
-        """Reset at each epoch start, convert at each iteration, write at each epoch end."""
-        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
-
-    def reset(self, engine: Engine | None = None) -> None:
-        """Forget the collected results."""
-        self.results = []
+        self.failures: list[Failure] = []
 
     def convert(self, item: dict[str, Any], pred: dict[str, Any]) -> dict[str, Any]:
         """One result entry: the prediction for the loaded ``item`` through ``postprocessing``, as JSON values."""
@@ -120,15 +178,34 @@ class DetectionWriter:
             "label_scores": [float(v) for v in torch.as_tensor(out["label_scores"]).reshape(-1).tolist()],
         }
 
-    def update(self, engine: Engine) -> None:
-        """Convert and keep the predictions of the current batch."""
-        self.results += [
-            self.convert(i, p) for i, p in zip(engine.state.batch, engine.state.output["pred"], strict=True)
-        ]
+    def add(self, item: dict[str, Any], pred: dict[str, Any]) -> None:
+        """Keep the result of one loaded image and rewrite the file."""
+        self.results.append(self.convert(item, pred))
+        self.write()
 
-    def write(self, engine: Engine | None = None) -> str:
+    def fail(self, failure: Failure) -> None:
+        """Keep an image that got no result, log it in one line, and rewrite the file."""
+        self.failures.append(failure)
+        logger.warning(f"no result for {failure.image}: {failure.problem}: {failure.message}")
+        self.write()
+
+    def write(self) -> str:
         """Write the result file; returns its path."""
-        path = os.path.join(self.output_dir, self.filename)
-        write_json(path, {self.data_list_key: self.results})
+        failed = [dataclasses.asdict(f) for f in self.failures]
+        write_json(self.path, {self.data_list_key: self.results, "failed": failed})
+        return self.path
+
+    def finish(self, report_path: str | None = None) -> str:
+        """
+        Write the file and log the totals; raise `InferenceFailed` (one line: how many, where they are listed) if
+        any image got no result. ``report_path``: the data check's report, named in that line.
+        """
+        path = self.write()
         logger.info(f"wrote the detections of {len(self.results)} images to {path}")
+        if self.failures:
+            total = len(self.failures) + len(self.results)
+            raise InferenceFailed(
+                f'inference failed on {len(self.failures)} of {total} images: they are listed under "failed" in '
+                f"{path}" + (f" (data check report: {report_path})" if report_path else "")
+            )
         return path

@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
 
 from scripts.inference_io import image_name
 
@@ -66,7 +65,7 @@ def save_preview(
 
 class PreviewSaver:
     """
-    Saves one preview per image of an evaluator run to ``output_dir/<image file stem>.png`` (see `save_preview`).
+    Saves one preview per image of an inference run to ``output_dir/<image file stem>.png`` (see `save_preview`).
 
     Args:
         output_dir: folder of the PNG files (created if missing).
@@ -79,15 +78,9 @@ class PreviewSaver:
         self.score_thresh = float(score_thresh)
         self.max_boxes = int(max_boxes)
 
-    def attach(self, engine: Engine) -> None:
-        """Save the previews of each batch when its iteration completes."""
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        """Save the previews of the engine's current batch."""
-        for item, pred in zip(engine.state.batch, engine.state.output["pred"], strict=True):
-            name = image_name(item)
-            path = os.path.join(self.output_dir, f"{_stem(name)}.png")
-            save_preview(
-                item["image"], pred["box"], pred["label_scores"], path, name, self.score_thresh, self.max_boxes
-            )
+    def save(self, item: dict[str, Any], pred: dict[str, Any]) -> str:
+        """Save the preview of one loaded ``item`` with its prediction (``box``, ``label_scores``); returns its path."""
+        name = image_name(item)
+        path = os.path.join(self.output_dir, f"{_stem(name)}.png")
+        save_preview(item["image"], pred["box"], pred["label_scores"], path, name, self.score_thresh, self.max_boxes)
+        return path

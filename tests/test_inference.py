@@ -11,7 +11,8 @@ import pytest
 import torch
 from monai.bundle import run
 
-from scripts.inference_io import DetectionWriter, list_inputs
+from scripts.errors import UserError
+from scripts.inference_io import DetectionWriter, InferenceFailed, list_inputs
 from tests.bundle_helpers import TINY, bundle_paths, config, make_phantoms, parse, save_tiny_model
 
 
@@ -29,9 +30,9 @@ def test_list_inputs_from_datalist_or_folder(phantoms: dict[str, str], tmp_path)
     folder = list_inputs("", images)
     assert [i["image_name"] for i in folder] == ["train_000.nii.gz", "train_001.nii.gz", "val_000.nii.gz"]
     assert len(list_inputs(os.path.join(images, "missing.json"), images)) == 3
-    with pytest.raises(KeyError):
+    with pytest.raises(UserError, match="no 'test' list"):
         list_inputs(phantoms["datalist"], phantoms["dir"], "test")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError, match="no NIfTI files"):
         list_inputs("", str(tmp_path))
 
 
@@ -81,7 +82,7 @@ def inferred(phantoms: dict[str, str], tmp_path_factory: pytest.TempPathFactory)
 def test_result_json_structure(inferred: dict[str, str], phantoms: dict[str, str]) -> None:
     with open(os.path.join(inferred["pt"], "result.json")) as f:
         result = json.load(f)
-    assert list(result) == ["validation"]
+    assert list(result) == ["validation", "failed"] and result["failed"] == []
     (entry,) = result["validation"]
     assert entry["image"] == "images/val_000.nii.gz"
     assert len(entry["box"]) == len(entry["label"]) == len(entry["label_scores"]) > 0
@@ -120,3 +121,72 @@ def test_folder_input(inferred: dict[str, str], phantoms: dict[str, str], tmp_pa
     assert entry["image"] == "scan.nii.gz"
     with open(os.path.join(inferred["pt"], "result.json")) as f:
         assert entry["box"] == json.load(f)["validation"][0]["box"]
+
+
+class FailsOn(torch.nn.Module):
+    """The detector, except on the image whose file name ends with ``name``: there its box regression is NaN, so that
+    MONAI's box decoding raises its own ``pred_whd_axis is NaN or Inf``, or ``error`` is raised when given."""
+
+    def __init__(self, detector: torch.nn.Module, name: str, error: Exception | None = None) -> None:
+        super().__init__()
+        self.detector, self.name, self.error = detector, name, error
+
+    def forward(self, images: list, use_inferer: bool = False) -> list:
+        if not str(images[0].meta["filename_or_obj"]).endswith(self.name):
+            return self.detector(images, use_inferer=use_inferer)
+        if self.error is not None:
+            raise self.error
+        bias = self.detector.network.regression_head.bbox_reg.bias
+        saved = bias.detach().clone()
+        bias.data.fill_(float("nan"))
+        try:
+            return self.detector(images, use_inferer=use_inferer)
+        finally:
+            bias.data.copy_(saved)
+
+
+def runner(phantoms: dict[str, str], root, error: Exception | None = None):
+    """inference.json's runner on the two training phantoms, its detector failing on the second."""
+    model = os.path.join(str(root), "model.pt")
+    save_tiny_model(model)
+    parser = parse(
+        "inference.json",
+        **TINY,
+        dataset_dir=phantoms["dir"],
+        data_list_file_path=phantoms["datalist"],
+        data_list_key="training",
+        model_path=model,
+        output_dir=str(root / "out"),
+    )
+    run = parser.get_parsed_content("runner")
+    run.detector = FailsOn(run.detector, "train_001.nii.gz", error)
+    run.progress = False
+    return run
+
+
+def test_a_nonfinite_prediction_is_listed_and_the_run_goes_on(phantoms: dict[str, str], tmp_path) -> None:
+    run = runner(phantoms, tmp_path)
+    with pytest.raises(InferenceFailed, match=r"inference failed on 1 of 2 images") as e:
+        run.run()
+    assert str(tmp_path / "out" / "result.json") in str(e.value) and "\n" not in str(e.value)
+    with open(tmp_path / "out" / "result.json") as f:
+        result = json.load(f)
+    assert [r["image"] for r in result["training"]] == ["images/train_000.nii.gz"]
+    assert result["failed"] == [
+        {
+            "image": "images/train_001.nii.gz",
+            "problem": "nonfinite_prediction",
+            "message": "ValueError: pred_whd_axis is NaN or Inf.",
+        }
+    ]
+
+
+def test_a_crash_keeps_the_results_so_far(phantoms: dict[str, str], tmp_path) -> None:
+    """A bug (not the image's fault) keeps its traceback, and the results written before it stay on disk."""
+    run = runner(phantoms, tmp_path, error=RuntimeError("a bug"))
+    with pytest.raises(RuntimeError, match="a bug"):
+        run.run()
+    with open(tmp_path / "out" / "result.json") as f:
+        result = json.load(f)
+    assert [r["image"] for r in result["training"]] == ["images/train_000.nii.gz"] and result["failed"] == []
+    assert len(result["training"][0]["box"]) > 0

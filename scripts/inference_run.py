@@ -1,0 +1,141 @@
+"""Whole-volume detection image by image: one image's failure is recorded for that image and the run goes on.
+
+MONAI's evaluator stops at the first exception of any image; inference must instead give every good image its
+result, list the others (refused by the data check, failed to load, or a non-finite prediction such as MONAI's
+``pred_whd_axis is NaN or Inf``), keep what it has on disk after every image, and end with a non-zero exit when
+any image failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from scripts.data_check import ScreenedInputs
+from scripts.errors import describe
+from scripts.image_probe import diagnose
+from scripts.inference_io import DetectionWriter, Failure, image_name
+from scripts.previews import PreviewSaver
+
+__all__ = ["DetectionInference"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """One input after preprocessing: ``data`` (the loaded item), or ``failure`` when loading raised."""
+
+    data: dict[str, Any] | None
+    failure: Failure | None
+
+
+class _Loading(Dataset):
+    """The inputs through ``preprocessing``, each failure caught and returned as a `_Loaded` record."""
+
+    def __init__(self, items: list[dict], preprocessing: Callable[[dict], dict]) -> None:
+        self.items, self.preprocessing = items, preprocessing
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> _Loaded:
+        item = self.items[index]
+        try:
+            return _Loaded(self.preprocessing(dict(item)), None)
+        except Exception as e:  # a file that changed since the data check, or a transform failing on its voxels
+            found = diagnose(e, item["image"])
+            return _Loaded(None, Failure(image_name(item), "load_failed", f"{found.problem}: {found.text}"))
+
+
+def _single(batch: list[_Loaded]) -> _Loaded:
+    return batch[0]
+
+
+def _failure_of_prediction(e: Exception) -> str:
+    """The problem code of an exception the detector raised on one image, or ``""`` if it is not the image's."""
+    if isinstance(e, ValueError) and "NaN or Inf" in str(e):  # MONAI's heads, box coder and detector
+        return "nonfinite_prediction"
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return "out_of_memory"
+    return ""
+
+
+class DetectionInference:
+    """
+    Runs the detector on each screened input and writes its result as soon as it has it.
+
+    Args:
+        detector: the `RetinaNetDetector` with its sliding-window inferer set (inference.json's ``detector``).
+        inputs: the data check's verdict on the inputs (`scripts.data_check.screen_inputs`): the usable ones are
+            run, the refused ones listed as failures.
+        preprocessing: loads one input (``{"image": path, ...}``) into the detector's input.
+        writer: keeps and writes the results and failures.
+        device: where the images go.
+        amp: autocast on CUDA (as the evaluator does).
+        previews: saves a picture per image (``None``: none).
+        num_workers: processes that load the next images while the detector runs.
+        progress: show a progress bar.
+    """
+
+    def __init__(
+        self,
+        detector: torch.nn.Module,
+        inputs: ScreenedInputs,
+        preprocessing: Callable[[dict], dict],
+        writer: DetectionWriter,
+        device: torch.device | str,
+        amp: bool = False,
+        previews: PreviewSaver | None = None,
+        num_workers: int = 0,
+        progress: bool = True,
+    ) -> None:
+        self.detector = detector
+        self.inputs = inputs
+        self.preprocessing = preprocessing
+        self.writer = writer
+        self.device = torch.device(device)
+        self.amp = bool(amp) and self.device.type == "cuda"
+        self.previews = previews
+        self.num_workers = int(num_workers)
+        self.progress = progress
+
+    def predict(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The detector's boxes (``xyzxyz``, image coordinates), labels and scores for one loaded image."""
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=self.amp):
+            return self.detector([image.to(self.device)], use_inferer=True)[0]
+
+    def run(self) -> str:
+        """Run every input; returns the result file, or raises `InferenceFailed` when any image failed."""
+        for rejected in self.inputs.rejected:
+            self.writer.fail(Failure.from_rejected(rejected))
+        self.detector.eval()
+        loading = DataLoader(
+            _Loading(self.inputs.items, self.preprocessing),
+            batch_size=1,
+            num_workers=self.num_workers,
+            collate_fn=_single,
+        )
+        for loaded in tqdm(loading, desc="inference", unit="image", disable=not self.progress):
+            if loaded.failure is not None:
+                self.writer.fail(loaded.failure)
+                continue
+            item = loaded.data
+            try:
+                pred = self.predict(item["image"])
+            except Exception as e:
+                problem = _failure_of_prediction(e)
+                if not problem:
+                    raise  # a bug, not this image's fault: keep its traceback (the results so far are on disk)
+                self.writer.fail(Failure(image_name(item), problem, describe(e)))
+                continue
+            self.writer.add(item, pred)
+            if self.previews is not None:
+                self.previews.save(item, pred)
+        return self.writer.finish(self.inputs.report_path)
