@@ -6,6 +6,7 @@ import dataclasses
 import glob
 import logging
 import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,15 @@ from scripts.errors import UserError, describe
 from scripts.json_io import write_json
 from scripts.quarantine import image_path
 
-__all__ = ["DetectionWriter", "Failure", "InferenceFailed", "image_name", "list_inputs", "load_network"]
+__all__ = [
+    "checkpoint_file",
+    "DetectionWriter",
+    "Failure",
+    "InferenceFailed",
+    "image_name",
+    "list_inputs",
+    "load_network",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +114,19 @@ def _state_dict_mismatch(network: torch.nn.Module, state: Any) -> str:
         f"its weights are for another network: {len(missing)} of the {len(expected)} tensors of network_def "
         f"missing, {len(unexpected)} unexpected, {len(reshaped)} of another shape (first: {first})"
     )
+
+
+def checkpoint_file(path: str) -> str:
+    """
+    ``path``, absolute, if it is a complete checkpoint as `torch.save` writes them (a zip archive), for
+    ``resume_from``; a `UserError` naming it otherwise (MONAI's `CheckpointLoader` would fail with a traceback).
+    """
+    path = os.path.abspath(str(path))
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist: check resume_from (models/checkpoint_final.pt?)")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"checkpoint {path} is not a complete torch checkpoint (truncated, or another kind of file)")
+    return path
 
 
 def load_network(model_path: str, network_def: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:

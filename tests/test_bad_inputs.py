@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from bundle_helpers import REPO, TINY, bundle_paths, config, save_tiny_model
+from bundle_helpers import REPO, TINY, bundle_paths, config, make_phantoms, save_tiny_model
 from monai.bundle import run
 from test_data_check import BAD_INPUTS, item, write_volume
 
@@ -315,3 +315,16 @@ def test_phantoms_are_generated_only_into_the_default_or_an_empty_folder(tmp_pat
     empty = tmp_path / "empty"
     empty.mkdir()
     assert os.path.isfile(ensure_dataset(str(empty / "datalist.json"), str(empty), default_dir=str(default), **kw))
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated"])
+def test_a_bad_checkpoint_to_evaluate_or_resume_is_one_line(tmp_path: Path, models: dict[str, Path], case: str):
+    checkpoint = tmp_path / "nothing.pt" if case == "missing" else models["truncated"]
+    make_phantoms(str(tmp_path / "data"))
+    common = {"bundle_root": str(tmp_path), "dataset_dir": str(tmp_path / "data"), **TINY}
+    evaluate = exit_line("evaluating", train_configs() + [config("evaluate.json")], ckpt_path=str(checkpoint), **common)
+    resume = exit_line("training", train_configs(), resume_from=str(checkpoint), **common)
+    for line in (evaluate, resume):
+        assert str(checkpoint) in line and (
+            "does not exist" in line or "cannot be read" in line or "not a complete" in line
+        )
