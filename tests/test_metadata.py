@@ -67,9 +67,3 @@ def test_network_matches_declared_io(metadata: dict) -> None:
             assert list(tensor.shape) == [1, spec["num_channels"], *expected], (key, level)
             assert tensor.dtype == getattr(torch, spec["dtype"])
         assert spec["level_spatial_shapes"][0] == spec["spatial_shape"]
-
-
-def test_inference_network_is_train_network() -> None:
-    train, infer = parse("train.json"), parse("inference.json")
-    for key in ("network_def", "anchor_generator", "backbone", "feature_extractor", "backbone_norm", "num_classes"):
-        assert infer[key] == train[key], key
