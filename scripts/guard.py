@@ -54,8 +54,10 @@ class StabilityGuard:
       recent batches (`search_lr`), and the largest whose trial loss is within ``search_margin`` of the best is
       kept: a fault that does not reproduce keeps the LR. The LR is never grown back above a level that failed.
       When the search cannot tell (every LR fails), the LR is multiplied by ``lr_backoff``.
-    - When the warm-up ends, the same search checks the LR the run reached against smaller ones; every
-      ``growth_interval`` healthy iterations a backed-off LR is checked against one step higher.
+    - After the first ``search_iters`` steps the same search checks the run's LR against smaller ones from the run's
+      first state: a healthy LR is kept and the run goes on untouched, one that is too high restarts the run from
+      that state (until then rollbacks go there too). Every ``growth_interval`` healthy iterations an LR below the
+      recipe's is checked against one step higher.
     - The snapshot is refreshed every ``snapshot_every`` steps while the window had no event, the loss did not grow
       ``max_loss_growth`` times and the detector's score gap did not collapse (`LearningSignal`). A gap collapsed
       for ``stall_windows`` windows is a stall: LRs are searched from the snapshot, and a smaller LR that works
