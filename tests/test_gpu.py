@@ -100,3 +100,24 @@ def test_batch_without_boxes_trains_on_the_gpu(tmp_path):
     trainer.run()
     assert [o.loss_reg for o in outputs][::2] == [0.0, 0.0] and all(o.loss_reg > 0 for o in outputs[1::2])
     assert guard.counters["events"] == 0 and all(math.isfinite(o.loss) for o in outputs)
+
+
+def test_an_fp16_overflow_burst_is_absorbed_without_touching_the_lr(tmp_path):
+    # scripts.faults.LossScaleOverflow, the matrix's fp16 fault: three overflowing backward passes in a row
+    from scripts.faults import LossScaleOverflow
+
+    trainer, guard = cuda_trainer(tmp_path, epochs=3)
+    LossScaleOverflow(first=5, last=7).attach(trainer)
+    seen = {}
+
+    @trainer.on(Events.ITERATION_STARTED(once=5))
+    def _before(engine):
+        seen["before"], seen["scale"] = state_of(engine), engine.scaler.get_scale()
+
+    reports = {}
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: reports.update({e.state.iteration: e.state.output}))
+    trainer.run()
+    assert all(reports[i].event == "grad" and reports[i].amp_overflow for i in (5, 6, 7))
+    assert reports[5].amp_scale == seen["scale"]  # the scale was put back before the scaler saw the overflow
+    assert guard.counters["amp_overflows"] >= 3 and guard.counters["events"] == 0
+    assert guard.counters["rollbacks"] == 0 and guard.lr.scale == 1.0
