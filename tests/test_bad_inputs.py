@@ -231,6 +231,8 @@ def test_wrong_datalist_key(tmp_path: Path, run_id: str, extra: list[str], polic
     datalist = tmp_path / "data" / "datalist.json"
     datalist.parent.mkdir()
     datalist.write_text(json.dumps({"train": [], "val": []}))
+    (tmp_path / "models").mkdir()
+    save_tiny_model(str(tmp_path / "models" / "model.pt"))  # so evaluating gets as far as the datalist
     configs = train_configs() + [config(f"{name}.json") for name in extra]
     line = exit_line(
         run_id, configs, bundle_root=str(tmp_path), dataset_dir=str(datalist.parent), data_check=policy, **TINY
