@@ -232,11 +232,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         generate_dataset(data, args.num_train, args.num_val, seed=args.seed, shape=args.shape, progress=False)
     with open(os.path.join(data, "datalist.json")) as f:
         num_train = len(json.load(f)["training"])
-    faults = _faults(args.sgd_lr, args.adamw_lr, args.epochs * num_train)
+    every_fault = _faults(args.sgd_lr, args.adamw_lr, args.epochs * num_train)
     chosen = set(args.faults or FAULTS)
-    chosen |= {f.baseline for f in faults if f.name in chosen}
+    chosen |= {f.baseline for f in every_fault if f.name in chosen}
     cuda = torch.cuda.is_available()
-    faults = [f for f in faults if f.name in chosen and (cuda or not f.needs_cuda)]
+    faults = [f for f in every_fault if f.name in chosen and (cuda or not f.needs_cuda)]
     common = {"epochs": args.epochs, "val_interval": args.val_interval}
     outcomes: dict[str, Outcome] = {}
     results = os.path.join(args.out, "matrix.json")
@@ -252,8 +252,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         outcomes[fault.name] = run_fault(fault, fault_data, args.out, args.configs, common)
         print(f"{fault.name}: {asdict(outcomes[fault.name])}", flush=True)
         write_json(results, {k: asdict(v) for k, v in outcomes.items()})
-    device = torch.cuda.get_device_name() if cuda else f"CPU, {os.cpu_count()} cores"
-    text = table(faults, outcomes)
+    device = torch.cuda.get_device_name() if cuda else f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    text = table(every_fault, outcomes)  # the whole matrix so far, not only this call's subset
     header = f"data {data}, configs {args.configs}, {args.epochs} epochs, {device}"
     with open(os.path.join(args.out, "matrix.md"), "w") as f:
         f.write(header + "\n\n" + text + "\n")
