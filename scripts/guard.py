@@ -52,7 +52,8 @@ class StabilityGuard:
       that moved more than ``max_update_ratio`` of their norm per step, roll back to the last good snapshot.
     - After a rollback, candidate LRs from the one that failed downwards are tried from the snapshot on the same
       recent batches (`search_lr`), and the largest whose trial loss is within ``search_margin`` of the best is
-      kept: a fault that does not reproduce keeps the LR. The LR is never grown back above a level that failed.
+      kept: a fault that does not reproduce keeps the LR, unless it comes back at that LR, when the search starts
+      one step lower. The LR is never grown back above a level that failed.
       When the search cannot tell (every LR fails), the LR is multiplied by ``lr_backoff``.
     - After the first ``search_iters`` steps the same search checks the run's LR against smaller ones from the run's
       first state: a healthy LR is kept and the run goes on untouched, one that is too high restarts the run from
@@ -151,6 +152,7 @@ class StabilityGuard:
         self.anchor: Snapshot | None = None  # the run's first state, until its LR has been checked
         self.lr_checked = False
         self.last_lr_change = 0
+        self.kept_as_transient: float | None = None  # the LR multiplier a search last kept after a rollback
 
     def attach(self, engine: Engine) -> None:
         """Register with the trainer (nothing when disabled)."""
@@ -256,14 +258,19 @@ class StabilityGuard:
             return
         origin = self.anchor or self.snapshot
         failed = self.lr.current_lr()
-        result = self._search(engine, origin, failed, patience=2)
+        # a fault that comes back at the LR a search kept is no transient: the LR passes short trials but not training
+        recurred = self.kept_as_transient is not None and math.isclose(self.lr.scale, self.kept_as_transient)
+        start = failed * SEARCH_STEP if recurred else failed
+        result = self._search(engine, origin, start, patience=2)
         self._restore(engine, origin)
+        self.kept_as_transient = None
         if result is None or result.lr is None:  # the search could not tell: the classic remedy
             self.lr.back_off(self.lr_backoff)
-        elif result.changed:
+        elif result.changed or recurred:
             self.lr.failed_at(failed)
             self.lr.set_peak_lr(result.lr)
         else:  # the fault did not reproduce from the good state: a transient, keep the LR
+            self.kept_as_transient = self.lr.scale
             self.lr.reapply()
         logger.warning(
             f"guard: {why}; rolled back to the state after iteration {origin.iteration}, LR now "
@@ -472,6 +479,7 @@ class StabilityGuard:
             "log": self.log.state_dict(),
             "snapshot_loss": self.snapshot_loss,
             "lr_checked": self.lr_checked,
+            "kept_as_transient": self.kept_as_transient,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -482,6 +490,7 @@ class StabilityGuard:
         self.log.load_state_dict(state["log"])
         self.snapshot_loss = state["snapshot_loss"]
         self.lr_checked = bool(state["lr_checked"])
+        self.kept_as_transient = state.get("kept_as_transient")
 
 
 def _nanmean(values: list[float]) -> float:

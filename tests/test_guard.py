@@ -96,6 +96,24 @@ def test_nan_weights_roll_back_exactly_and_keep_the_lr(tmp_path, bad_iteration, 
     assert finite_weights(trainer.network) and trainer.state.epoch == 3
 
 
+def test_a_fault_that_comes_back_at_the_kept_lr_lowers_it(tmp_path):
+    trainer, guard = make_trainer(tmp_path, epochs=4, guard_kwargs={"snapshot_every": 4})  # 4 iterations an epoch
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    bad = (11, 14)
+
+    @trainer.on(Events.ITERATION_STARTED(lambda _, i: i in bad))
+    def _corrupt(engine):
+        with torch.no_grad():
+            engine.network.feature_extractor.body.conv1.weight.fill_(float("nan"))
+
+    trainer.run()
+    first, second = guard.log.searches[-2:]
+    assert first["trials"][0]["lr"] == pytest.approx(lr) and first["chosen_lr"] == pytest.approx(lr)  # a transient
+    assert second["trials"][0]["lr"] < lr  # the same fault at the same LR: the kept LR is not tried again
+    assert guard.counters["rollbacks"] == 2 and trainer.optimizer.param_groups[0]["lr"] < lr
+    assert finite_weights(trainer.network) and trainer.state.epoch == 4
+
+
 def test_without_search_a_rollback_backs_the_lr_off(tmp_path):
     trainer, guard = make_trainer(tmp_path, epochs=2, guard_kwargs={"lr_search": False, "patience": 2})
     lr = trainer.optimizer.param_groups[0]["lr"]
