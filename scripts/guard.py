@@ -349,6 +349,8 @@ class StabilityGuard:
         limit = start * 1e-5 if limit is None else limit
         result = search_lr(runner, start, step, limit, max_trials, patience, self.search_margin)
         runner.finish()
+        if result.lr is not None and result.lost_at is not None:  # lost from a good state: never grow back to it
+            self.lr.failed_at(result.lost_at)
         self.counters["lr_searches"] += 1
         self.log.record_search(engine.state.iteration, result)
         return result

@@ -94,7 +94,9 @@ class GuardLog:
         logger.warning(f"guard: LR search at iteration {iteration}: {result.summary()}")
         if len(self.searches) < self.max_logged_events:
             trials = [asdict(t) for t in result.trials]
-            self.searches.append({"iteration": iteration, "trials": trials, "chosen_lr": result.lr})
+            self.searches.append(
+                {"iteration": iteration, "trials": trials, "chosen_lr": result.lr, "lost_at": result.lost_at}
+            )
 
     def write_report(self, summary: dict[str, Any]) -> str | None:
         """Write ``summary`` with the events to ``report_path``; returns the path written, if any."""

@@ -41,10 +41,15 @@ class Trial:
 
 @dataclass(frozen=True)
 class SearchResult:
-    """The trials in the order run, and the LR chosen (``None`` when every candidate failed)."""
+    """
+    The trials in the order run, the LR chosen (``None`` when every candidate failed), and the smallest LR above
+    the choice that clearly lost (``None`` if none did): one that failed, or whose loss was more than twice the
+    margin above the best. Trials cannot tell an LR within the margin from a better one; they can tell a loser.
+    """
 
     trials: tuple[Trial, ...]
     lr: float | None
+    lost_at: float | None = None
 
     @property
     def incumbent(self) -> Trial:
@@ -60,7 +65,8 @@ class SearchResult:
         """One line: each LR with its mean trial loss, and the choice."""
         tried = ", ".join(f"{t.lr:.3g}: {'failed' if t.failed else f'{t.loss:.4g}'}" for t in self.trials)
         chosen = "none works" if self.lr is None else f"{self.lr:.3g}"
-        return f"{tried} -> {chosen}"
+        below = f" (lost at {self.lost_at:.3g})" if self.lr is not None and self.lost_at is not None else ""
+        return f"{tried} -> {chosen}{below}"
 
 
 def search_lr(
@@ -74,7 +80,8 @@ def search_lr(
 ) -> SearchResult:
     """
     Try ``start_lr``, then ``start_lr * step``, ``start_lr * step**2``, ... and choose the largest LR whose mean
-    loss is within ``margin`` of the lowest.
+    loss is within ``margin`` of the lowest; a larger LR that failed or lost by more than ``2 * margin`` is reported
+    as ``lost_at``.
 
     The walk stops after ``patience`` candidates in a row that do not improve on the best working one, at
     ``max_trials`` trials, or past ``limit_lr`` (a floor when ``step < 1``, a ceiling when ``step > 1``). The margin
@@ -108,7 +115,9 @@ def search_lr(
     if best is None:
         return SearchResult(tuple(trials), None)
     good = [t for t in trials if not t.failed and t.loss <= (1 + margin) * best.loss]
-    return SearchResult(tuple(trials), max(t.lr for t in good))
+    chosen = max(t.lr for t in good)
+    lost = [t.lr for t in trials if t.lr > chosen and (t.failed or t.loss > (1 + 2 * margin) * best.loss)]
+    return SearchResult(tuple(trials), chosen, min(lost) if lost else None)
 
 
 def mean_after_first(losses: list[float]) -> float:

@@ -160,6 +160,10 @@ def test_learning_rate_overload_is_searched_down(tmp_path):
     assert chosen is not None and chosen <= 0.1 and guard.lr.scale < 0.01
     assert trainer.optimizer.param_groups[0]["lr"] <= chosen  # never back above what the search found
     assert guard.lr.ceiling < 1  # the level that failed is out of reach for growth
+    # and so is every level the search saw lose from the good state: growth stays a step below the lowest
+    failed_above = min(t["lr"] for t in first["trials"] if t["failed"] and t["lr"] > chosen)
+    assert first["lost_at"] is not None and first["lost_at"] <= failed_above
+    assert guard.lr.ceiling * 10.0 <= first["lost_at"] * 10**-0.5 * (1 + 1e-6)
     assert finite_weights(trainer.network)
     assert len(guard.quarantine) == 0  # a blow-up fails every file alike: nobody is blamed
 

@@ -100,6 +100,18 @@ def test_search_walks_past_failures_and_reports_none_when_everything_fails():
     assert result.lr is None and not result.changed and len(asked) == 4
 
 
+def test_search_reports_the_smallest_larger_lr_that_clearly_lost():
+    # 0.1 is chosen (within 25% of the best, 0.0316); 0.316 lost by more than twice the margin, 1.0 failed
+    run_trial, _ = fake_trials({1.0: None, 0.316: 1.6, 0.1: 1.2, 0.0316: 1.0, 0.01: 1.1, 0.00316: 1.2})
+    result = search_lr(run_trial, 1.0, margin=0.25, patience=2)
+    assert result.lr == pytest.approx(0.1) and result.lost_at == pytest.approx(10**-0.5)
+    # an LR above the choice that lost by less than twice the margin is not a loser: trials cannot tell
+    run_trial, _ = fake_trials({0.316: 1.4, 0.1: 1.2, 0.0316: 1.0, 0.01: 1.1, 0.00316: 1.2})
+    assert search_lr(run_trial, 10**-0.5, margin=0.25, patience=2).lost_at is None
+    run_trial, _ = fake_trials({1.0: None})
+    assert search_lr(run_trial, 1.0, max_trials=2).lost_at is None  # nothing chosen, nothing to stay below
+
+
 def scheduled(warmup_iters: int = 10, lr: float = 0.5) -> tuple[torch.optim.Optimizer, WarmupDecayLR]:
     optimizer = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=lr)
     return optimizer, WarmupDecayLR(optimizer, warmup_iters=warmup_iters, total_iters=100, step_iters=50)
