@@ -53,7 +53,8 @@ class StabilityGuard:
     - After a rollback, candidate LRs from the one that failed downwards are tried from the snapshot on the same
       recent batches (`search_lr`), and the largest whose trial loss is within ``search_margin`` of the best is
       kept: a fault that does not reproduce keeps the LR, unless it comes back at that LR, when the search starts
-      one step lower. The LR is never grown back above a level that failed.
+      one step lower. The LR is never grown back above a level that failed, in training or in a search's trials,
+      or that lost a search by more than twice the margin.
       When the search cannot tell (every LR fails), the LR is multiplied by ``lr_backoff``.
     - After the first ``search_iters`` steps the same search checks the run's LR against smaller ones from the run's
       first state: a healthy LR is kept and the run goes on untouched, one that is too high restarts the run from
