@@ -191,6 +191,12 @@ class CompactRandCropBoxByPosNegLabeld(RandCropBoxByPosNegLabeld):
         )
         self.fill_value = fill_value
 
+    @staticmethod
+    def _holding(voxel: np.ndarray, regions: np.ndarray) -> np.ndarray:
+        """Which of ``regions`` (int boxes, [start, stop)) hold ``voxel``."""
+        dims = len(voxel)
+        return np.all((voxel >= regions[:, :dims]) & (voxel < regions[:, dims:]), axis=1)
+
     def _uniform_in_union(self, regions: np.ndarray) -> list[int]:
         """A voxel uniform over the union of ``regions`` (int boxes, [start, stop)): pick a region by its volume,
         a voxel in it, and keep it with probability 1 / (regions holding it)."""
@@ -201,8 +207,7 @@ class CompactRandCropBoxByPosNegLabeld(RandCropBoxByPosNegLabeld):
             k = int(np.searchsorted(np.cumsum(weights), self.R.rand() * weights.sum(), side="right"))
             k = min(k, len(regions) - 1)
             voxel = regions[k, :dims] + np.array([self.R.randint(s) for s in sizes[k]])
-            holding = np.all((voxel >= regions[:, :dims]) & (voxel < regions[:, dims:]), axis=1).sum()
-            if self.R.rand() * holding < 1.0:
+            if self.R.rand() * self._holding(voxel, regions).sum() < 1.0:
                 return voxel.tolist()
 
     def _uniform_outside(self, regions: np.ndarray, shape: Sequence[int]) -> list[int] | None:
@@ -210,7 +215,7 @@ class CompactRandCropBoxByPosNegLabeld(RandCropBoxByPosNegLabeld):
         dims = len(shape)
         for _ in range(MAX_REJECTIONS):
             voxel = np.array([self.R.randint(s) for s in shape])
-            if not np.any(np.all((voxel >= regions[:, :dims]) & (voxel < regions[:, dims:]), axis=1)):
+            if not self._holding(voxel, regions).any():
                 return voxel.tolist()
         mask = np.ones(shape, dtype=bool)
         for r in regions:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import Callable, Sequence
 from copy import deepcopy
 from pathlib import Path
@@ -30,6 +29,8 @@ import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.data.utils import pickle_hashing
 from monai.utils import convert_to_tensor
+
+from scripts.json_io import write_atomically
 
 __all__ = ["SharedPersistentDataset", "detection_dataset", "file_state_hash"]
 
@@ -85,13 +86,11 @@ class SharedPersistentDataset(PersistentDataset):
             except (UnpicklingError, RuntimeError, EOFError, OSError) as e:
                 logger.warning(f"cache file {path} is unreadable ({e}); rebuilding it")
         item = self._pre_transform(deepcopy(item_transformed))  # the datalist item stays as it was hashed
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+        stored = convert_to_tensor(item, convert_numeric=False, track_meta=True)
         try:
-            torch.save(convert_to_tensor(item, convert_numeric=False, track_meta=True), temporary)
-            os.replace(temporary, path)
+            write_atomically(str(path), lambda temporary: torch.save(stored, temporary))
         except OSError as e:  # e.g. a full disk: train on, uncached
             logger.warning(f"could not write cache file {path} ({e})")
-            temporary.unlink(missing_ok=True)
         return item
 
 
