@@ -468,11 +468,14 @@ def screen_inputs(
     section: str = "inputs",
     source: str = "",
     progress: bool | None = None,
+    policy: str = "exclude",
     **settings: Any,
 ) -> ScreenedInputs:
     """
-    Inference inputs checked like training images (no boxes, no patch-size warning): the usable ones are returned,
-    the others listed with their errors (for the caller to report), the warnings logged; the report goes to
+    Inference inputs checked like training images (no boxes, no patch-size warning) under the ``data_check``
+    policy: ``"exclude"`` returns the usable ones and lists the others with their errors (for the caller to report),
+    ``"strict"`` raises `DataCheckFailed` when any input has an error, ``"off"`` returns every input unchecked (a
+    file that then fails to load is still reported for itself). The warnings are logged; the report goes to
     ``output_dir/data_check.json``.
 
     Args:
@@ -484,13 +487,20 @@ def screen_inputs(
         section: the name the inputs are reported under (the datalist key, or ``inputs``).
         source: the datalist or folder the inputs came from, named in the report.
         progress: show a progress bar (default: where ``output_dir`` is set).
+        policy: ``"exclude"``, ``"strict"`` or ``"off"``.
         settings: see `scripts.data_checks.CheckSettings`.
     """
+    if policy not in POLICIES:
+        raise UserError(f"data_check must be one of {POLICIES}, got {policy!r}")
+    if policy == "off":
+        return ScreenedInputs(list(items), [], None)
     report = DataReport(source, dataset_dir)
     walk = _Walk(report, dataset_dir, loader, CheckSettings(**{"patch_size": None, **settings}), annotated=False)
     show = output_dir is not None if progress is None else progress
     walk.sections([(section, [{"image": item["image_name"]} for item in items])], show)
     path = _write_report(report, output_dir)
+    if policy == "strict" and not report.ok:
+        raise _failed(report, path, "fix them, or set data_check to exclude to run the others")
     bad = report.bad_indices(section)
     rejected = [Rejected(items[i], report.item_errors(section, i)) for i in sorted(bad)]
     for f in report.warnings:

@@ -104,7 +104,7 @@ def _faults(sgd_lr: float, adamw_lr: float, iterations: int) -> list[Fault]:
             {
                 **sgd,
                 "learning_rate": sgd_lr,
-                "train#handlers#fault": inf_burst,
+                "train#extra_handlers#fault": inf_burst,
             },
         ),
         Fault(
@@ -114,7 +114,7 @@ def _faults(sgd_lr: float, adamw_lr: float, iterations: int) -> list[Fault]:
                 **sgd,
                 "learning_rate": sgd_lr,
                 "amp": True,
-                "train#handlers#fault": fp16_burst,
+                "train#extra_handlers#fault": fp16_burst,
             },
             needs_cuda=True,
         ),
@@ -161,7 +161,7 @@ def run_fault(fault: Fault, data: str, out: str, configs: Sequence[str], common:
     model = os.path.join(root, "models", "model.pt")
     if os.path.exists(model):
         evaluation = {**overrides, "ckpt_path": model, "output_dir": os.path.join(root, "final_eval")}
-        evaluation.pop("train#handlers#fault", None)
+        evaluation.pop("train#extra_handlers#fault", None)
         _bundle("evaluating", [*configs, "configs/evaluate.json"], evaluation, os.path.join(root, "evaluation.log"))
         metrics_file = os.path.join(root, "final_eval", "metrics.json")
         if os.path.exists(metrics_file):

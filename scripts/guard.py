@@ -66,7 +66,10 @@ class StabilityGuard:
       better rolls the run back to it.
     - After ``max_rollbacks`` rollbacks, or ``max_refused_in_a_row`` refused steps in a row from the last good
       state, the run stops: the snapshot is restored and saved, the report written, and `raise_if_failed` exits
-      non-zero. A run whose best validation metric stayed at or below ``min_val_metric`` ends the same way.
+      non-zero. A run whose best validation metric stayed at or below ``min_val_metric`` ends the same way, once it
+      had a fair chance to learn: a validation ran ``judge_after_epochs`` epochs or more after the end of the LR
+      warm-up. A shorter run (a smoke test, a run that ends in its warm-up) ends with a warning that it was too short
+      to judge.
 
     Its counters, ceiling, learning signal, event log and file statistics are in `state_dict`.
 
@@ -93,6 +96,8 @@ class StabilityGuard:
         stall_windows: windows of collapsed score gap that make a stall.
         min_val_metric: the best validation metric must exceed this for the run to count as learned (``None``: no
             check).
+        judge_after_epochs: epochs after the warm-up that the last validation must come at or after for the run to
+            be judged by ``min_val_metric``.
         validator: the evaluator whose ``best_metric`` tells whether the detector learned (``None``: not checked).
         quarantine: the shared record of bad files.
         report_path: JSON report (``None``: none).
@@ -122,6 +127,7 @@ class StabilityGuard:
         growth_interval: int = 200,
         stall_windows: int = 5,
         min_val_metric: float | None = 0.01,
+        judge_after_epochs: int = 10,
         validator: Engine | None = None,
         quarantine: Quarantine | None = None,
         report_path: str | None = None,
@@ -134,7 +140,8 @@ class StabilityGuard:
         self.max_loss_growth, self.max_update_ratio = max_loss_growth, max_update_ratio
         self.amp_overflow_patience, self.lr_search = amp_overflow_patience, lr_search
         self.search_iters, self.search_margin, self.growth_interval = search_iters, search_margin, growth_interval
-        self.min_val_metric, self.validator, self.output_transform = min_val_metric, validator, output_transform
+        self.min_val_metric, self.judge_after_epochs = min_val_metric, judge_after_epochs
+        self.validator, self.output_transform = validator, output_transform
         self.snapshot = Snapshot(network, optimizer, scaler, lr_scheduler)
         self.lr = LRControl(lr_scheduler)
         self.blame = FileBlame(quarantine_after)
@@ -154,6 +161,8 @@ class StabilityGuard:
         self.lr_checked = False
         self.last_lr_change = 0
         self.kept_as_transient: float | None = None  # the LR multiplier a search last kept after a rollback
+        self.judged_from_epoch: int | None = None  # set when a low best metric was weighed at the end of the run
+        self.note: str | None = None  # a warning for the user at the end of a run that did not fail
 
     def attach(self, engine: Engine) -> None:
         """Register with the trainer (nothing when disabled)."""
@@ -413,21 +422,36 @@ class StabilityGuard:
         engine.terminate()
 
     def completed(self, engine: Engine) -> None:
-        """At the end of the run: did the detector learn? Write the report."""
+        """At the end of the run: did the detector learn, and had it a fair chance to? Write the report."""
         if self.status == "running":
+            self.status = "completed"
             best = self._best_validation()
             if best is not None and self.min_val_metric is not None and best <= self.min_val_metric:
-                self.status = "not_learned"
-                self.message = (
-                    f"The detector did not learn: its best validation metric is {best:.4g} (min_val_metric "
-                    f"{self.min_val_metric:g}) after {self.counters['rollbacks']} rollbacks and "
-                    f"{self.counters['lr_searches']} LR searches. The saved model detects nothing; see "
-                    f"{self.log.report_path}. Check the data (check_data), the learning_rate and the warm-up."
-                )
-                logger.error(self.message)
-            else:
-                self.status = "completed"
+                self._judge(engine, best)
         self.write_report()
+
+    def _judge(self, engine: Engine, best: float) -> None:
+        """A best validation metric at or below ``min_val_metric``: a failure, or too short a run to tell."""
+        epoch_length = max(engine.state.epoch_length or 1, 1)
+        warmup_epochs = math.ceil(self.lr.lr_scheduler.warmup_iters / epoch_length)
+        self.judged_from_epoch = warmup_epochs + self.judge_after_epochs
+        last = int(self.validator.state.epoch)
+        if last < self.judged_from_epoch:
+            self.note = (
+                f"The run was too short to judge whether the detector learned: its last validation was at epoch "
+                f"{last}, and only one from epoch {self.judged_from_epoch} on counts ({warmup_epochs} warm-up epochs + "
+                f"guard#judge_after_epochs {self.judge_after_epochs}); best validation metric so far {best:.4g}."
+            )
+            logger.warning(f"guard: {self.note}")
+            return
+        self.status = "not_learned"
+        self.message = (
+            f"The detector did not learn: its best validation metric is {best:.4g} (min_val_metric "
+            f"{self.min_val_metric:g}) after {last} epochs, {self.counters['rollbacks']} rollbacks and "
+            f"{self.counters['lr_searches']} LR searches. The saved model detects nothing; see "
+            f"{self.log.report_path}. Check the data (check_data), the learning_rate and the warm-up."
+        )
+        logger.error(self.message)
 
     def _best_validation(self) -> float | None:
         state = getattr(self.validator, "state", None)
@@ -460,6 +484,8 @@ class StabilityGuard:
                 "snapshot_iteration": self.snapshot.iteration,
                 "score_gap": {"level": self.learning.level, "best": self.learning.best},
                 "best_validation": self._best_validation(),
+                "judged_from_epoch": self.judged_from_epoch,
+                "note": self.note,
                 "quarantined": [{"image": k, **v} for k, v in self.quarantine.entries.items()],
             }
         )

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from monai.inferers import Inferer
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -23,7 +24,7 @@ from scripts.image_probe import diagnose
 from scripts.inference_io import DetectionWriter, Failure, image_name
 from scripts.previews import PreviewSaver
 
-__all__ = ["DetectionInference"]
+__all__ = ["DetectionInference", "InferenceDataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,19 +37,26 @@ class _Loaded:
     failure: Failure | None
 
 
-class _Loading(Dataset):
-    """The inputs through ``preprocessing``, each failure caught and returned as a `_Loaded` record."""
+class InferenceDataset(Dataset):
+    """
+    The inputs through ``transform``, each failure caught and returned as a `_Loaded` record (inference.json's
+    ``dataset``).
 
-    def __init__(self, items: list[dict], preprocessing: Callable[[dict], dict]) -> None:
-        self.items, self.preprocessing = items, preprocessing
+    Args:
+        data: the usable inputs (``{"image": path, ...}``), in their order.
+        transform: loads one input into the detector's input.
+    """
+
+    def __init__(self, data: list[dict], transform: Callable[[dict], dict]) -> None:
+        self.data, self.transform = data, transform
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.data)
 
     def __getitem__(self, index: int) -> _Loaded:
-        item = self.items[index]
+        item = self.data[index]
         try:
-            return _Loaded(self.preprocessing(dict(item)), None)
+            return _Loaded(self.transform(dict(item)), None)
         except Exception as e:  # a file that changed since the data check, or a transform failing on its voxels
             found = diagnose(e, item["image"])
             return _Loaded(None, Failure(image_name(item), "load_failed", f"{found.problem}: {found.text}"))
@@ -73,9 +81,10 @@ class DetectionInference:
 
     Args:
         detector: the `RetinaNetDetector` with its sliding-window inferer set (inference.json's ``detector``).
-        inputs: the data check's verdict on the inputs (`scripts.data_check.screen_inputs`): the usable ones are
-            run, the refused ones listed as failures.
-        preprocessing: loads one input (``{"image": path, ...}``) into the detector's input.
+        inputs: the data check's verdict on the inputs (`scripts.data_check.screen_inputs`): the refused ones are
+            listed as failures.
+        dataset: the usable inputs, loaded (an `InferenceDataset` of ``inputs.items``).
+        inferer: runs the detector on a list of whole images (`scripts.evaluator.DetectionInferer`).
         writer: keeps and writes the results and failures.
         device: where the images go.
         amp: autocast on CUDA (as the evaluator does).
@@ -88,7 +97,8 @@ class DetectionInference:
         self,
         detector: torch.nn.Module,
         inputs: ScreenedInputs,
-        preprocessing: Callable[[dict], dict],
+        dataset: InferenceDataset,
+        inferer: Inferer,
         writer: DetectionWriter,
         device: torch.device | str,
         amp: bool = False,
@@ -98,7 +108,8 @@ class DetectionInference:
     ) -> None:
         self.detector = detector
         self.inputs = inputs
-        self.preprocessing = preprocessing
+        self.dataset = dataset
+        self.inferer = inferer
         self.writer = writer
         self.device = torch.device(device)
         self.amp = bool(amp) and self.device.type == "cuda"
@@ -109,19 +120,14 @@ class DetectionInference:
     def predict(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """The detector's boxes (``xyzxyz``, image coordinates), labels and scores for one loaded image."""
         with torch.no_grad(), torch.autocast(self.device.type, enabled=self.amp):
-            return self.detector([image.to(self.device)], use_inferer=True)[0]
+            return self.inferer([image.to(self.device)], self.detector)[0]
 
     def run(self) -> str:
         """Run every input; returns the result file, or raises `InferenceFailed` when any image failed."""
         for rejected in self.inputs.rejected:
             self.writer.fail(Failure.from_rejected(rejected))
         self.detector.eval()
-        loading = DataLoader(
-            _Loading(self.inputs.items, self.preprocessing),
-            batch_size=1,
-            num_workers=self.num_workers,
-            collate_fn=_single,
-        )
+        loading = DataLoader(self.dataset, batch_size=1, num_workers=self.num_workers, collate_fn=_single)
         for loaded in tqdm(loading, desc="inference", unit="image", disable=not self.progress):
             if loaded.failure is not None:
                 self.writer.fail(loaded.failure)

@@ -19,6 +19,7 @@ import torch
 from ignite.engine import Events
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
+from monai.inferers import Inferer, SimpleInferer
 from torch.utils.data import DataLoader
 
 from scripts.detector import ANCHOR_SCORE_NAMES, ANCHOR_SCORES
@@ -80,6 +81,8 @@ class StabilisedDetectionTrainer(Trainer):
         max_epochs: number of epochs.
         train_data_loader: loader yielding lists of crop lists (``no_collation``).
         detector: the detector (`scripts.detector.RetinaNetDetector`); its ``network`` is what is optimised.
+        inferer: runs the detector's training forward, ``inferer(images, detector, targets)`` -> losses (MONAI's
+            `SimpleInferer` by default, as in `SupervisedTrainer`).
         optimizer: optimiser over the network's parameters.
         epoch_length: iterations per epoch (default ``len(train_data_loader)``).
         w_cls: weight of the classification loss.
@@ -103,6 +106,7 @@ class StabilisedDetectionTrainer(Trainer):
         train_data_loader: Iterable | DataLoader,
         detector: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
+        inferer: Inferer | None = None,
         epoch_length: int | None = None,
         w_cls: float = 1.0,
         w_reg: float = 1.0,
@@ -138,6 +142,7 @@ class StabilisedDetectionTrainer(Trainer):
             **extra,
         )
         self.detector = detector
+        self.inferer = inferer if inferer is not None else SimpleInferer()
         self.network = detector.network
         self.optimizer = optimizer
         self.w_cls = w_cls
@@ -186,7 +191,7 @@ class StabilisedDetectionTrainer(Trainer):
         """Detector losses under autocast, or ``None`` when a head raised its ``NaN or Inf`` ValueError."""
         try:
             with self._autocast():
-                return self.detector(images, targets)
+                return self.inferer(images, self.detector, targets)
         except ValueError as e:
             if self.skip_nonfinite and "NaN or Inf" in str(e):
                 return None

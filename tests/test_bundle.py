@@ -128,8 +128,8 @@ def test_stress_reproduces_the_crash_without_the_guard_and_recovers_with_it(tmp_
     data = tmp_path / "data"
     generate_dataset(str(data), num_train=12, num_val=2, shape=(64, 64, 32), progress=False)
     stress = ["configs/demo.json", "configs/stress.json"]
-    # 3 epochs are too few to ask that the detector learned (guard#min_val_metric), the subject of test_guard.py
-    kw = {"dataset_dir": str(data), "epochs": 3, "val_interval": 3, "num_workers": 0, "guard__min_val_metric": -1}
+    # 3 epochs are too short for the guard to judge whether the detector learned: a warning, not a failure
+    kw = {"dataset_dir": str(data), "epochs": 3, "val_interval": 3, "num_workers": 0}
     # the zoo's trainer: no guard and no clipping (the guard switch leaves clipping on, grad_clip_norm 0 turns it off)
     off = bundle("training", tmp_path / "off", *stress, check=False, guard__enabled=False, grad_clip_norm=0, **kw)
     assert off.returncode != 0 and "cls_logits is NaN or Inf" in off.stderr
@@ -179,7 +179,7 @@ def test_poisoned_data_is_named_by_check_data_and_excluded_from_training(tmp_pat
 
 def test_a_crash_leaves_the_final_checkpoint_and_the_guard_report(tmp_path):
     crash = {"_target_": "scripts.faults.Crash", "iteration": 3, "message": "injected crash for the test"}
-    result = bundle("training", tmp_path, TINY_CONFIG, check=False, epochs=2, train__handlers__fault=crash)
+    result = bundle("training", tmp_path, TINY_CONFIG, check=False, epochs=2, train__extra_handlers__fault=crash)
     assert result.returncode != 0 and "injected crash for the test" in result.stderr
     checkpoint = torch.load(tmp_path / "models" / "checkpoint_final.pt", weights_only=True)
     assert {"model", "optimizer", "guard", "trainer"} <= set(checkpoint) and checkpoint["trainer"]["iteration"] == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import math
 import types
 
@@ -324,19 +325,43 @@ def test_a_collapsed_score_gap_is_a_stall_that_the_search_examines(tmp_path):
     assert guard.status == "completed" and finite_weights(trainer.network)
 
 
-def test_a_run_whose_detector_learned_nothing_ends_non_zero(tmp_path):
-    class Validator:  # what the guard reads of MONAI's evaluator: the best key metric and its epoch
-        state = types.SimpleNamespace(best_metric=0.004, best_metric_epoch=2)
+def validator_at(best: float, epoch: int) -> types.SimpleNamespace:
+    """What the guard reads of MONAI's evaluator: the best key metric, its epoch, and the last validation's epoch."""
+    return types.SimpleNamespace(state=types.SimpleNamespace(best_metric=best, best_metric_epoch=epoch, epoch=epoch))
 
-    trainer, guard = make_trainer(tmp_path, epochs=1, guard_kwargs={"validator": Validator()})
+
+def test_a_run_whose_detector_learned_nothing_ends_non_zero(tmp_path):
+    # validated at epoch 12: 2 warm-up epochs (8 iterations of 4) + judge_after_epochs 10, the first that counts
+    guard_kwargs = {"validator": validator_at(0.004, 12)}
+    trainer, guard = make_trainer(tmp_path, epochs=1, guard_kwargs=guard_kwargs, warmup_iters=8)
     trainer.run()
     assert guard.status == "not_learned"
     report = json.loads((tmp_path / "guard_report.json").read_text())
     assert report["status"] == "not_learned" and report["best_validation"] == 0.004
+    assert report["judged_from_epoch"] == 12
     with pytest.raises(GuardStopped, match="did not learn"):
         guard.raise_if_failed()
-    Validator.state.best_metric = 0.5
-    trainer, guard = make_trainer(tmp_path / "learned", epochs=1, guard_kwargs={"validator": Validator()})
+    guard_kwargs = {"validator": validator_at(0.5, 12)}
+    trainer, guard = make_trainer(tmp_path / "learned", epochs=1, guard_kwargs=guard_kwargs, warmup_iters=8)
     trainer.run()
     assert guard.status == "completed"
     guard.raise_if_failed()  # no exit
+
+
+def test_a_run_too_short_to_judge_ends_with_a_warning_not_a_failure(tmp_path, caplog):
+    # the last validation at epoch 11 comes before warm-up (2 epochs) + judge_after_epochs (10): a smoke run
+    guard_kwargs = {"validator": validator_at(0.004, 11)}
+    trainer, guard = make_trainer(tmp_path, epochs=1, guard_kwargs=guard_kwargs, warmup_iters=8)
+    with caplog.at_level(logging.WARNING, logger="scripts.guard"):
+        trainer.run()
+    assert guard.status == "completed" and guard.message is None
+    guard.raise_if_failed()  # no exit
+    warnings = [r.getMessage() for r in caplog.records if "too short to judge" in r.getMessage()]
+    assert len(warnings) == 1 and "epoch 12" in warnings[0] and "\n" not in warnings[0]
+    report = json.loads((tmp_path / "guard_report.json").read_text())
+    assert report["status"] == "completed" and "too short to judge" in report["note"]
+    # the same run judged sooner by a shorter margin fails
+    guard_kwargs = {"validator": validator_at(0.004, 11), "judge_after_epochs": 9}
+    trainer, guard = make_trainer(tmp_path / "judged", epochs=1, guard_kwargs=guard_kwargs, warmup_iters=8)
+    trainer.run()
+    assert guard.status == "not_learned"

@@ -146,7 +146,7 @@ class FailsOn(torch.nn.Module):
 
 
 def runner(phantoms: dict[str, str], root, error: Exception | None = None):
-    """inference.json's runner on the two training phantoms, its detector failing on the second."""
+    """inference.json's evaluator (the runner) on the two training phantoms, its detector failing on the second."""
     model = os.path.join(str(root), "model.pt")
     save_tiny_model(model)
     parser = parse(
@@ -158,7 +158,7 @@ def runner(phantoms: dict[str, str], root, error: Exception | None = None):
         model_path=model,
         output_dir=str(root / "out"),
     )
-    run = parser.get_parsed_content("runner")
+    run = parser.get_parsed_content("evaluator")
     run.detector = FailsOn(run.detector, "train_001.nii.gz", error)
     run.progress = False
     return run
@@ -190,3 +190,30 @@ def test_a_crash_keeps_the_results_so_far(phantoms: dict[str, str], tmp_path) ->
         result = json.load(f)
     assert [r["image"] for r in result["training"]] == ["images/train_000.nii.gz"] and result["failed"] == []
     assert len(result["training"][0]["box"]) > 0
+
+
+@pytest.mark.parametrize("policy", ["exclude", "strict", "off"])
+def test_the_data_check_policy_of_inference(phantoms: dict[str, str], tmp_path, policy: str) -> None:
+    """The same image listed twice (as in the model zoo's CI data): skipped and listed, refused, or run twice."""
+    with open(phantoms["datalist"]) as f:
+        first = json.load(f)["validation"][0]
+    datalist = tmp_path / "twice.json"
+    datalist.write_text(json.dumps({"validation": [first, first]}))
+    save_tiny_model(str(tmp_path / "models" / "model.pt"))
+    overrides = {**TINY, "bundle_root": str(tmp_path), "dataset_dir": phantoms["dir"], "data_check": policy}
+    args = {"config_file": config("inference.json"), "data_list_file_path": str(datalist), **bundle_paths()}
+    result_path = tmp_path / "eval" / "result.json"
+    if policy == "off":
+        run("inference", **args, **overrides)
+        assert [r["image"] for r in json.loads(result_path.read_text())["validation"]] == [first["image"]] * 2
+        return
+    with pytest.raises(SystemExit) as e:
+        run("inference", **args, **overrides)
+    line = str(e.value.code)
+    if policy == "strict":
+        assert line.startswith("data check failed: 1 errors in 1 items") and "data_check to exclude" in line
+        assert not result_path.exists()
+    else:
+        assert line.startswith("inference failed on 1 of 2 images")
+        result = json.loads(result_path.read_text())
+        assert result["failed"][0]["problem"] == "duplicate_image" and len(result["validation"]) == 1
