@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from monai.bundle import ConfigParser
 
-from scripts.phantoms import generate_dataset
+from scripts.data.phantoms import generate_dataset
 
 __all__ = ["CONFIGS", "REPO", "TINY", "config", "bundle_paths", "make_phantoms", "parse", "save_tiny_model"]
 

@@ -20,10 +20,10 @@ if REPO not in sys.path:
 
 from bundle_helpers import TINY, parse  # noqa: E402
 
-from scripts.guard import StabilityGuard  # noqa: E402
-from scripts.quarantine import Quarantine, QuarantineSampler  # noqa: E402
-from scripts.schedule import WarmupDecayLR  # noqa: E402
-from scripts.trainer import StabilisedDetectionTrainer  # noqa: E402
+from scripts.data.quarantine import Quarantine, QuarantineSampler  # noqa: E402
+from scripts.detection.schedule import WarmupDecayLR  # noqa: E402
+from scripts.detection.trainer import StabilisedDetectionTrainer  # noqa: E402
+from scripts.guard.stability_guard import StabilityGuard  # noqa: E402
 
 torch.set_num_threads(2)
 

@@ -20,10 +20,10 @@ from conftest import tiny_detector, tiny_loader  # noqa: E402
 from ignite.engine import Events  # noqa: E402
 from monai.engines.utils import IterationEvents  # noqa: E402
 
-from scripts.guard import StabilityGuard  # noqa: E402
-from scripts.quarantine import Quarantine  # noqa: E402
-from scripts.schedule import WarmupDecayLR  # noqa: E402
-from scripts.trainer import StabilisedDetectionTrainer  # noqa: E402
+from scripts.data.quarantine import Quarantine  # noqa: E402
+from scripts.detection.schedule import WarmupDecayLR  # noqa: E402
+from scripts.detection.trainer import StabilisedDetectionTrainer  # noqa: E402
+from scripts.guard.stability_guard import StabilityGuard  # noqa: E402
 
 
 def main() -> None:

@@ -22,8 +22,8 @@ from bundle_helpers import REPO, TINY, bundle_paths, config, make_phantoms, save
 from monai.bundle import run
 from test_data_check import BAD_INPUTS, item, write_volume
 
+from scripts.data.phantoms import ensure_dataset, generate_dataset
 from scripts.errors import UserError
-from scripts.phantoms import ensure_dataset, generate_dataset
 
 TINY_CONFIG = os.path.join(REPO, "tests", "data", "tiny.json")
 # problems of the datalist entry, not of the image: inference, which reads no boxes, runs these images

@@ -17,7 +17,7 @@ from monai.bundle.config_item import ComponentLocator
 from monai.networks.nets.resnet import resnet50
 from monai.utils import optional_import
 
-from scripts.phantoms import generate_dataset
+from scripts.data.phantoms import generate_dataset
 
 TINY_CONFIG = "tests/data/tiny.json"
 ZOO_IDS = [
@@ -178,7 +178,7 @@ def test_poisoned_data_is_named_by_check_data_and_excluded_from_training(tmp_pat
 
 
 def test_a_crash_leaves_the_final_checkpoint_and_the_guard_report(tmp_path):
-    crash = {"_target_": "scripts.faults.Crash", "iteration": 3, "message": "injected crash for the test"}
+    crash = {"_target_": "scripts.tools.faults.Crash", "iteration": 3, "message": "injected crash for the test"}
     result = bundle("training", tmp_path, TINY_CONFIG, check=False, epochs=2, train__extra_handlers__fault=crash)
     assert result.returncode != 0 and "injected crash for the test" in result.stderr
     checkpoint = torch.load(tmp_path / "models" / "checkpoint_final.pt", weights_only=True)

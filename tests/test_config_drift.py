@@ -13,7 +13,7 @@ import pytest
 import torch
 from bundle_helpers import TINY, config, parse
 
-from scripts.phantoms import generate_dataset
+from scripts.data.phantoms import generate_dataset
 
 TRAIN = json.loads(Path(config("train.json")).read_text())
 INFER = json.loads(Path(config("inference.json")).read_text())

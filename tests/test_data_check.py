@@ -15,15 +15,10 @@ import numpy as np
 import pytest
 from bundle_helpers import parse
 
-from scripts.data_check import (
-    DataCheckFailed,
-    DatalistError,
-    DataReport,
-    check_datalist,
-    run_check_data,
-    screen_datalists,
-)
-from scripts.quarantine import Quarantine
+from scripts.data.check import DataCheckFailed, DataReport, check_datalist, run_check_data
+from scripts.data.datalist import DatalistError
+from scripts.data.quarantine import Quarantine
+from scripts.data.screening import screen_datalists
 
 SPACING = (0.703125, 0.703125, 1.25)
 AFFINE = np.diag([*SPACING, 1.0])
@@ -534,16 +529,16 @@ def test_relative_path_climbing_out_of_dataset_dir_warns(tmp_path: Path) -> None
 
 
 def test_a_failure_of_the_check_itself_keeps_the_other_cases(tmp_path: Path, monkeypatch) -> None:
-    import scripts.data_check
+    import scripts.data.check
 
-    real = scripts.data_check.check_voxels
+    real = scripts.data.check.check_voxels
 
     def fails_on_b(stats, rec, intensity_range):
         if rec.image.endswith("b.nii.gz"):
             raise KeyError("a bug")
         return real(stats, rec, intensity_range)
 
-    monkeypatch.setattr(scripts.data_check, "check_voxels", fails_on_b)
+    monkeypatch.setattr(scripts.data.check, "check_voxels", fails_on_b)
     for name in "abc":
         write_volume(tmp_path / f"{name}.nii.gz")
     datalist = write_datalist(tmp_path / "datalist.json", [item(f"{n}.nii.gz") for n in "abc"], [])
@@ -557,12 +552,12 @@ def test_a_failure_of_the_check_itself_keeps_the_other_cases(tmp_path: Path, mon
 
 
 def test_an_exception_without_a_message_still_gives_a_reason(tmp_path: Path, monkeypatch) -> None:
-    import scripts.data_check
+    import scripts.data.check
 
     def out_of_memory(*args, **kwargs):
         raise MemoryError()
 
-    monkeypatch.setattr(scripts.data_check, "read_voxel_stats", out_of_memory)
+    monkeypatch.setattr(scripts.data.check, "read_voxel_stats", out_of_memory)
     report = check(tmp_path, [item(write_volume(tmp_path / "v.nii.gz"))])
     (finding,) = report.errors
     assert finding.problem == "unreadable" and finding.message.endswith("cannot be loaded: MemoryError: out of memory")
@@ -572,7 +567,7 @@ PEAK_MEMORY = """
 import json, resource, sys
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
 from bundle_helpers import parse
-from scripts.data_check import check_datalist
+from scripts.data.check import check_datalist
 loader = parse("train.json").get_parsed_content("loader")
 check_datalist({warmup!r}, {folder!r}, loader, [32, 32, 16], progress=False, sections=["training"])  # imports
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

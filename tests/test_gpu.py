@@ -125,8 +125,8 @@ def test_batch_without_boxes_trains_on_the_gpu(tmp_path):
 
 
 def test_an_fp16_overflow_burst_is_absorbed_without_touching_the_lr(tmp_path):
-    # scripts.faults.LossScaleOverflow, the matrix's fp16 fault: three overflowing backward passes in a row
-    from scripts.faults import LossScaleOverflow
+    # scripts.tools.faults.LossScaleOverflow, the matrix's fp16 fault: three overflowing backward passes in a row
+    from scripts.tools.faults import LossScaleOverflow
 
     trainer, guard = cuda_trainer(tmp_path, epochs=3)
     LossScaleOverflow(first=5, last=7).attach(trainer)

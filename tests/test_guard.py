@@ -16,8 +16,8 @@ from ignite.engine import Events
 from monai.data import Dataset, MetaTensor
 from monai.data.utils import no_collation
 
-from scripts.guard import GuardStopped
-from scripts.quarantine import Quarantine, QuarantineSampler
+from scripts.data.quarantine import Quarantine, QuarantineSampler
+from scripts.guard.stability_guard import GuardStopped
 
 
 def test_clean_run_steps_and_reports(tmp_path):
@@ -120,8 +120,8 @@ def test_without_search_a_rollback_backs_the_lr_off(tmp_path):
     lr = trainer.optimizer.param_groups[0]["lr"]
     poison_gradients(trainer, [3, 4])
     trainer.run()
-    assert guard.counters["rollbacks"] == 1 and guard.lr.scale == pytest.approx(guard.lr_backoff)
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr * guard.lr_backoff)
+    assert guard.counters["rollbacks"] == 1 and guard.lr.scale == pytest.approx(guard.lr_policy.lr_backoff)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr * guard.lr_policy.lr_backoff)
 
 
 def test_nan_voxel_file_is_skipped_and_quarantined(tmp_path):
@@ -352,7 +352,7 @@ def test_a_run_too_short_to_judge_ends_with_a_warning_not_a_failure(tmp_path, ca
     # the last validation at epoch 11 comes before warm-up (2 epochs) + judge_after_epochs (10): a smoke run
     guard_kwargs = {"validator": validator_at(0.004, 11)}
     trainer, guard = make_trainer(tmp_path, epochs=1, guard_kwargs=guard_kwargs, warmup_iters=8)
-    with caplog.at_level(logging.WARNING, logger="scripts.guard"):
+    with caplog.at_level(logging.WARNING, logger="scripts.guard.stability_guard"):
         trainer.run()
     assert guard.status == "completed" and guard.message is None
     guard.raise_if_failed()  # no exit

@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 
-from scripts.blame import FileBlame
-from scripts.guard_log import GuardEvent, GuardLog
-from scripts.learning_signal import LearningSignal
-from scripts.lr_search import SearchResult, Trial
-from scripts.schedule import WarmupDecayLR
-from scripts.snapshot import Snapshot
-from scripts.step_report import StepReport, read_to_host
+from scripts.detection.schedule import WarmupDecayLR
+from scripts.detection.step_report import StepReport, read_to_host
+from scripts.guard.blame import FileBlame
+from scripts.guard.learning_signal import LearningSignal
+from scripts.guard.log import GuardEvent, GuardLog
+from scripts.guard.lr_search import SearchResult, Trial
+from scripts.guard.snapshot import Snapshot
 
 
 def trained_pair():

@@ -12,7 +12,7 @@ import torch
 from monai.bundle import run
 
 from scripts.errors import UserError
-from scripts.inference_io import DetectionWriter, InferenceFailed, list_inputs
+from scripts.inference.io import DetectionWriter, InferenceFailed, list_inputs
 from tests.bundle_helpers import TINY, bundle_paths, config, make_phantoms, parse, save_tiny_model
 
 

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from scripts.lr_control import LRControl
-from scripts.lr_search import Trial, TrialRunner, search_lr
-from scripts.schedule import WarmupDecayLR
-from scripts.snapshot import Snapshot
-from scripts.step_report import StepReport
+from scripts.detection.schedule import WarmupDecayLR
+from scripts.detection.step_report import StepReport
+from scripts.guard.lr_control import LRControl
+from scripts.guard.lr_search import Trial, TrialRunner, search_lr
+from scripts.guard.snapshot import Snapshot
 
 
 def toy_problem(seed: int = 0):

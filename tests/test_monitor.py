@@ -13,7 +13,7 @@ from ignite.engine import Events
 from monai.handlers import MLFlowHandler
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from scripts.monitor import TrainingMonitor
+from scripts.guard.monitor import TrainingMonitor
 
 
 class RecordingMLflow(MLFlowHandler):
@@ -89,14 +89,14 @@ def test_run_cost_says_once_how_long_the_run_will_take(caplog):
 
     from ignite.engine import Engine
 
-    from scripts.run_cost import RunCostEstimate
+    from scripts.detection.run_cost import RunCostEstimate
 
     engine = Engine(lambda e, batch: time.sleep(0.01))
     engine.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "device", torch.device("cpu")))
     RunCostEstimate(after=2, hint_hours=1e-6).attach(engine)
-    with caplog.at_level("INFO", logger="scripts.run_cost"):
+    with caplog.at_level("INFO", logger="scripts.detection.run_cost"):
         engine.run(range(5), max_epochs=4)
-    lines = [r for r in caplog.records if r.name == "scripts.run_cost"]
+    lines = [r for r in caplog.records if r.name == "scripts.detection.run_cost"]
     assert "4 epochs x 5 iterations (20 to go)" in lines[0].getMessage()
     estimate = [r for r in lines if "per iteration" in r.getMessage()]
     assert len(estimate) == 1 and estimate[0].levelname == "WARNING"  # once; and on a CPU, the demo command

@@ -1,4 +1,4 @@
-"""Tests for the synthetic chest-CT phantom generator (scripts/phantoms.py)."""
+"""Tests for the synthetic chest-CT phantom generator (scripts/data/phantoms.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.phantoms import DEFAULT_SPACING, ensure_dataset, generate_case, generate_dataset
+from scripts.data.phantoms import DEFAULT_SPACING, ensure_dataset, generate_case, generate_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (64, 64, 32)
@@ -202,7 +202,7 @@ def test_invalid_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:
 
 def test_cli(tmp_path: Path) -> None:
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "scripts.phantoms", "--out", str(out)]
+    cmd = [sys.executable, "-m", "scripts.data.phantoms", "--out", str(out)]
     cmd += ["--num-train", "2", "--num-val", "1", "--seed", "3", "--shape", "64", "64", "32"]
     result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

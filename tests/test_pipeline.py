@@ -26,16 +26,16 @@ from monai.transforms import (
     SpatialCrop,
 )
 
-from scripts.augment import RandRotateBoxd, SeparableRandGaussianSmoothd
-from scripts.benchmark_loader import zoo_transforms
-from scripts.compact_crop import (
+from scripts.data.augment import RandRotateBoxd, SeparableRandGaussianSmoothd
+from scripts.data.cache import SharedPersistentDataset, detection_dataset
+from scripts.data.crop import (
     CompactRandCropBoxByPosNegLabeld,
     NormalizeIntensityFromStatsd,
     VolumeIntensityStatsd,
     frame_of,
 )
-from scripts.phantoms import generate_dataset
-from scripts.volume_cache import SharedPersistentDataset, detection_dataset
+from scripts.data.phantoms import generate_dataset
+from scripts.tools.benchmark_loader import zoo_transforms
 
 PATCH = [32, 32, 16]
 AIR_LEVEL = (-500 + 1024) / 1324  # CompactVolumed's body threshold through the HU window

@@ -22,10 +22,10 @@ from monai.engines.utils import IterationEvents
 from monai.inferers import Inferer, SimpleInferer
 from torch.utils.data import DataLoader
 
-from scripts.detector import ANCHOR_SCORE_NAMES, ANCHOR_SCORES
+from scripts.data.quarantine import image_path
+from scripts.detection.detector import ANCHOR_SCORE_NAMES, ANCHOR_SCORES
+from scripts.detection.step_report import EVENT_KINDS, StepReport, read_to_host
 from scripts.distributed import is_distributed
-from scripts.quarantine import image_path
-from scripts.step_report import EVENT_KINDS, StepReport, read_to_host
 
 __all__ = ["DetectionBatch", "StabilisedDetectionTrainer", "detection_prepare_batch"]
 
@@ -80,7 +80,7 @@ class StabilisedDetectionTrainer(Trainer):
         device: the device to train on.
         max_epochs: number of epochs.
         train_data_loader: loader yielding lists of crop lists (``no_collation``).
-        detector: the detector (`scripts.detector.RetinaNetDetector`); its ``network`` is what is optimised.
+        detector: the detector (`scripts.detection.detector.RetinaNetDetector`); its ``network`` is what is optimised.
         inferer: runs the detector's training forward, ``inferer(images, detector, targets)`` -> losses (MONAI's
             `SimpleInferer` by default, as in `SupervisedTrainer`).
         optimizer: optimiser over the network's parameters.

@@ -3,7 +3,7 @@ A figure of a training run from the monitor's CSV (`output_dir/train_log.csv`): 
 clipping, the guard's update ratio, the detector's score gap (positive minus background anchor score: is it
 learning?), learning rate, and the guard's events and rollbacks over iterations.
 
-    python -m scripts.plot_training eval/train_log.csv docs/stress_run.png --title "guarded stress run"
+    python -m scripts.tools.plot_training eval/train_log.csv docs/stress_run.png --title "guarded stress run"
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@ searches, quarantine and, when recovery is hopeless or the detector learned noth
 
 Ignite's `TerminateOnNan` only stops a run and AMP's GradScaler only skips fp16 overflow steps; nothing in MONAI,
 ignite or torch restores a last good state, finds a learning rate that works from it and carries on, hence this
-handler. Its parts are modules of their own: `Snapshot` (the last good state), `LRControl` (the schedule's
-multiplier), `search_lr` (paired LR trials), `LearningSignal` (is the detector still learning), `FileBlame` (which
-files to quarantine) and `GuardLog` (events, report, checkpoint).
+handler. This class is the event policy (skip, roll back, stop, judge the end); the LR the run goes on with is
+`LRPolicy`'s. Its other parts: `Snapshot` (the last good state), `LearningSignal` (is the detector still learning),
+`FileBlame` (which files to quarantine) and `GuardLog` (events, report, checkpoint).
 """
 
 from __future__ import annotations
@@ -21,21 +21,21 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from scripts.blame import FileBlame
-from scripts.guard_log import GuardEvent, GuardLog
-from scripts.learning_signal import LearningSignal
-from scripts.lr_control import LRControl
-from scripts.lr_search import SearchResult, TrialRunner, search_lr
-from scripts.quarantine import Quarantine
-from scripts.snapshot import Snapshot, weights_finite
-from scripts.step_report import StepReport
+from scripts.data.quarantine import Quarantine
+from scripts.detection.step_report import StepReport
+from scripts.guard.blame import FileBlame
+from scripts.guard.learning_signal import LearningSignal
+from scripts.guard.log import GuardEvent, GuardLog
+from scripts.guard.lr_control import LRControl
+from scripts.guard.lr_policy import LRDecision, LRPolicy
+from scripts.guard.snapshot import Snapshot, weights_finite
+from scripts.guard.verdict import Verdict, best_validation, judge_learning
 
 __all__ = ["GuardStopped", "StabilityGuard"]
 
 logger = logging.getLogger(__name__)
 
 COUNTERS = ("events", "skipped_steps", "rollbacks", "amp_overflows", "weights_nonfinite", "lr_searches", "stalls")
-SEARCH_STEP = 10**-0.5  # candidate LRs a factor sqrt(10) apart, walking down
 
 
 class GuardStopped(SystemExit):
@@ -135,15 +135,17 @@ class StabilityGuard:
         output_transform: Callable[[Any], StepReport] = lambda x: x,
     ) -> None:
         self.network, self.optimizer, self.enabled = network, optimizer, enabled
-        self.patience, self.lr_backoff, self.max_rollbacks = patience, lr_backoff, max_rollbacks
+        self.patience, self.max_rollbacks = patience, max_rollbacks
         self.max_refused_in_a_row, self.snapshot_every = max_refused_in_a_row, snapshot_every
         self.max_loss_growth, self.max_update_ratio = max_loss_growth, max_update_ratio
-        self.amp_overflow_patience, self.lr_search = amp_overflow_patience, lr_search
-        self.search_iters, self.search_margin, self.growth_interval = search_iters, search_margin, growth_interval
+        self.amp_overflow_patience = amp_overflow_patience
         self.min_val_metric, self.judge_after_epochs = min_val_metric, judge_after_epochs
         self.validator, self.output_transform = validator, output_transform
         self.snapshot = Snapshot(network, optimizer, scaler, lr_scheduler)
         self.lr = LRControl(lr_scheduler)
+        self.lr_policy = LRPolicy(
+            self.lr, lr_search, search_iters, search_margin, lr_backoff, growth_interval, max_update_ratio
+        )
         self.blame = FileBlame(quarantine_after)
         self.learning = LearningSignal(patience=stall_windows)
         self.log = GuardLog(report_path, ckpt_path)
@@ -152,17 +154,13 @@ class StabilityGuard:
         self.status, self.message = "running", None
         self.consecutive = self.consecutive_amp = self.steps_since_restore = self.steps_since_snapshot = 0
         self.recent: deque[float] = deque(maxlen=snapshot_every)  # losses of the last applied steps
-        self.batches: deque[Any] = deque(maxlen=search_iters)  # the last batches whose step was applied
         self.window: list[StepReport] = []
         self.window_clean = True
         self.snapshot_loss: float | None = None
         self.update_ratio = math.nan
         self.anchor: Snapshot | None = None  # the run's first state, until its LR has been checked
         self.lr_checked = False
-        self.last_lr_change = 0
-        self.kept_as_transient: float | None = None  # the LR multiplier a search last kept after a rollback
-        self.judged_from_epoch: int | None = None  # set when a low best metric was weighed at the end of the run
-        self.note: str | None = None  # a warning for the user at the end of a run that did not fail
+        self.verdict = Verdict(best=None, learned=None)  # did the detector learn: judged when the run completes
 
     def attach(self, engine: Engine) -> None:
         """Register with the trainer (nothing when disabled)."""
@@ -222,19 +220,14 @@ class StabilityGuard:
         self.steps_since_restore += 1
         self.steps_since_snapshot += 1
         self.recent.append(report.loss)
-        if self.lr_search:
-            self.batches.append(engine.state.batch)
+        self.lr_policy.remember(engine.state.batch)
         self.window.append(report)
         if len(self.window) >= self.snapshot_every and not self._end_window(engine, report):
             return
-        if self.anchor is not None and len(self.batches) == self.search_iters:
+        if self.anchor is not None and self.lr_policy.ready_to_check():
             self._check_lr(engine)
-        elif self.lr_search and self.lr.can_grow() and self._healthy_for(engine) >= self.growth_interval:
+        elif self.lr_policy.due_for_growth(engine.state.iteration):
             self._grow(engine)
-
-    def _healthy_for(self, engine: Engine) -> int:
-        """Iterations since the LR last changed (or was tried higher)."""
-        return engine.state.iteration - self.last_lr_change
 
     def _end_window(self, engine: Engine, report: StepReport) -> bool:
         """Update ratio, learning signal and snapshot refresh; ``False`` when the window ended in a rollback."""
@@ -267,21 +260,8 @@ class StabilityGuard:
             self._stop(engine, why)
             return
         origin = self.anchor or self.snapshot
-        failed = self.lr.current_lr()
-        # a fault that comes back at the LR a search kept is no transient: the LR passes short trials but not training
-        recurred = self.kept_as_transient is not None and math.isclose(self.lr.scale, self.kept_as_transient)
-        start = failed * SEARCH_STEP if recurred else failed
-        result = self._search(engine, origin, start, patience=2)
-        self._restore(engine, origin)
-        self.kept_as_transient = None
-        if result is None or result.lr is None:  # the search could not tell: the classic remedy
-            self.lr.back_off(self.lr_backoff)
-        elif result.changed or recurred:
-            self.lr.failed_at(failed)
-            self.lr.set_peak_lr(result.lr)
-        else:  # the fault did not reproduce from the good state: a transient, keep the LR
-            self.kept_as_transient = self.lr.scale
-            self.lr.reapply()
+        decision = self._searched(engine, self.lr_policy.after_fault(engine, origin))
+        self._restart(engine, origin, decision)
         logger.warning(
             f"guard: {why}; rolled back to the state after iteration {origin.iteration}, LR now "
             f"{self.lr.current_lr():.3g} (x{self.lr.scale:.3g} of the schedule; rollback "
@@ -290,21 +270,17 @@ class StabilityGuard:
 
     def _check_lr(self, engine: Engine) -> None:
         """
-        Once the first ``search_iters`` steps are in: does the run's LR learn from its first state, or does a
-        smaller one learn clearly better? A run whose LR holds goes on untouched; one that does not restarts from
-        its first state (the steps taken may have damaged the detector for good without any event).
+        Once the first ``search_iters`` steps are in, the LR check (`LRPolicy.check`): a run whose LR holds goes on
+        untouched; one that does not restarts from its first state (the steps taken may have damaged the detector
+        for good without any event).
         """
         anchor, start = self.anchor, self.lr.peak_lr()
-        current = self._copy_of_now(engine)
-        result = self._search(engine, anchor, start, patience=1, max_trials=6)
-        if result is not None and result.changed and self.counters["rollbacks"] < self.max_rollbacks:
-            self._restore(engine, anchor)
-            self.lr.failed_at(start)
-            self.lr.set_peak_lr(result.lr)
+        decision = self._searched(
+            engine, self.lr_policy.check(engine, anchor, self._copy_of_now(engine), self._may_roll_back())
+        )
+        if decision.restart:
+            self._restart(engine, anchor, decision)
             logger.warning(f"guard: LR {start:.3g} too high: restarted after iteration {anchor.iteration}")
-        else:
-            current.restore()
-            self.lr.reapply()
         self.anchor, self.lr_checked = None, True
 
     def _stall(self, engine: Engine, report: StepReport) -> bool:
@@ -312,63 +288,41 @@ class StabilityGuard:
         self.counters["stalls"] += 1
         level = f"score gap {self.learning.level:.3g}, best {self.learning.best:.3g}"
         self._record(engine, "stall", report, "searching the LR", f"learning stalled ({level})")
-        current = self._copy_of_now(engine)
-        failed = self.lr.current_lr()
-        result = self._search(engine, self.snapshot, failed, patience=2)
-        if result is not None and result.changed and self.counters["rollbacks"] < self.max_rollbacks:
-            self._restore(engine, self.snapshot)
-            self.lr.failed_at(failed)
-            self.lr.set_peak_lr(result.lr)
+        now = self._copy_of_now(engine)
+        decision = self._searched(engine, self.lr_policy.on_stall(engine, self.snapshot, now, self._may_roll_back()))
+        if decision.restart:
+            self._restart(engine, self.snapshot, decision)
             logger.warning(f"guard: back to iteration {self.snapshot.iteration}, LR {self.lr.current_lr():.3g}")
             return False
-        current.restore()  # a smaller LR does not do better: not the LR's doing, carry on from here
-        self.lr.reapply()
-        self.learning.rebase()
+        self.learning.rebase()  # a smaller LR does not do better: not the LR's doing, carry on from here
         return True
 
     def _grow(self, engine: Engine) -> None:
-        """After a healthy stretch at a backed-off LR: does one step up learn about as well? Then take it."""
-        self.last_lr_change = engine.state.iteration
-        current = self._copy_of_now(engine)
+        """After a healthy stretch at a reduced LR: one step up, when it learns about as well (`LRPolicy.grow`)."""
         start = self.lr.peak_lr()
-        up = self.lr.growth_candidate(1 / SEARCH_STEP)
-        result = self._search(engine, current, start, patience=1, max_trials=2, step=up / start, limit=up)
-        current.restore()
-        if result is not None and result.changed:
-            self.lr.set_peak_lr(result.lr)
-            logger.warning(f"guard: LR grown back from {start:.3g} to {result.lr:.3g} (peak of the schedule)")
-        else:
-            self.lr.failed_at(up)  # do not try that level again
-            self.lr.reapply()
+        decision = self._searched(engine, self.lr_policy.grow(engine, self._copy_of_now(engine)))
+        if decision.peak_lr is not None:
+            logger.warning(f"guard: LR grown back from {start:.3g} to {decision.peak_lr:.3g} (peak of the schedule)")
 
-    def _search(
-        self,
-        engine: Engine,
-        origin: Snapshot,
-        start: float,
-        patience: int,
-        max_trials: int = 10,
-        step: float = SEARCH_STEP,
-        limit: float | None = None,
-    ) -> SearchResult | None:
-        """Paired LR trials from ``origin`` on the recent batches (``None`` when searching is off or impossible)."""
-        if not (self.lr_search and self.batches):
-            return None
-        step_fn = lambda batch: engine.train_step(batch, fire_events=False)  # noqa: E731
-        runner = TrialRunner(step_fn, origin, self.batches, self.search_iters, self.max_update_ratio)
-        limit = start * 1e-5 if limit is None else limit
-        result = search_lr(runner, start, step, limit, max_trials, patience, self.search_margin)
-        runner.finish()
-        if result.lr is not None and result.lost_at is not None:  # lost from a good state: never grow back to it
-            self.lr.failed_at(result.lost_at)
-        self.counters["lr_searches"] += 1
-        self.log.record_search(engine.state.iteration, result)
-        return result
+    def _may_roll_back(self) -> bool:
+        return self.counters["rollbacks"] < self.max_rollbacks
+
+    def _searched(self, engine: Engine, decision: LRDecision) -> LRDecision:
+        """Count and log the search behind ``decision``."""
+        if decision.search is not None:
+            self.counters["lr_searches"] += 1
+            self.log.record_search(engine.state.iteration, decision.search)
+        return decision
 
     def _copy_of_now(self, engine: Engine) -> Snapshot:
         current = Snapshot(self.network, self.optimizer, self.snapshot.scaler, self.snapshot.lr_scheduler)
         current.take(engine.state.iteration)
         return current
+
+    def _restart(self, engine: Engine, origin: Snapshot, decision: LRDecision) -> None:
+        """Roll back to ``origin``, then set the LR ``decision`` chose."""
+        self._restore(engine, origin)
+        self.lr_policy.apply(decision, engine.state.iteration)
 
     def _restore(self, engine: Engine, origin: Snapshot) -> None:
         """Roll back to ``origin``, which becomes the last good snapshot, and forget the abandoned trajectory."""
@@ -380,7 +334,6 @@ class StabilityGuard:
         self.window, self.window_clean = [], True
         self.steps_since_restore = self.steps_since_snapshot = 0
         self.learning.restart()
-        self.last_lr_change = engine.state.iteration
 
     def _record(self, engine: Engine, kind: str, report: StepReport, action: str, what: str) -> None:
         verdict = self.blame.blame(report.bad_files, kind)  # an applied step (update, stall) blames no file
@@ -424,40 +377,22 @@ class StabilityGuard:
     def completed(self, engine: Engine) -> None:
         """At the end of the run: did the detector learn, and had it a fair chance to? Write the report."""
         if self.status == "running":
-            self.status = "completed"
-            best = self._best_validation()
-            if best is not None and self.min_val_metric is not None and best <= self.min_val_metric:
-                self._judge(engine, best)
+            epoch_length = max(engine.state.epoch_length or 1, 1)
+            warmup_epochs = math.ceil(self.lr.lr_scheduler.warmup_iters / epoch_length)
+            self.verdict = judge_learning(self.validator, self.min_val_metric, warmup_epochs, self.judge_after_epochs)
+            self.status = "completed" if self.verdict.learned is not False else "not_learned"
+            if self.verdict.note:
+                logger.warning(f"guard: {self.verdict.note}")
+            if self.verdict.learned is False:
+                self.message = (
+                    f"The detector did not learn: its best validation metric is {self.verdict.best:.4g} "
+                    f"(min_val_metric {self.min_val_metric:g}) after {self.verdict.last_epoch} epochs, "
+                    f"{self.counters['rollbacks']} rollbacks and {self.counters['lr_searches']} LR searches. The saved "
+                    f"model detects nothing; see {self.log.report_path}. Check the data (check_data), the "
+                    "learning_rate and the warm-up."
+                )
+                logger.error(self.message)
         self.write_report()
-
-    def _judge(self, engine: Engine, best: float) -> None:
-        """A best validation metric at or below ``min_val_metric``: a failure, or too short a run to tell."""
-        epoch_length = max(engine.state.epoch_length or 1, 1)
-        warmup_epochs = math.ceil(self.lr.lr_scheduler.warmup_iters / epoch_length)
-        self.judged_from_epoch = warmup_epochs + self.judge_after_epochs
-        last = int(self.validator.state.epoch)
-        if last < self.judged_from_epoch:
-            self.note = (
-                f"The run was too short to judge whether the detector learned: its last validation was at epoch "
-                f"{last}, and only one from epoch {self.judged_from_epoch} on counts ({warmup_epochs} warm-up epochs + "
-                f"guard#judge_after_epochs {self.judge_after_epochs}); best validation metric so far {best:.4g}."
-            )
-            logger.warning(f"guard: {self.note}")
-            return
-        self.status = "not_learned"
-        self.message = (
-            f"The detector did not learn: its best validation metric is {best:.4g} (min_val_metric "
-            f"{self.min_val_metric:g}) after {last} epochs, {self.counters['rollbacks']} rollbacks and "
-            f"{self.counters['lr_searches']} LR searches. The saved model detects nothing; see "
-            f"{self.log.report_path}. Check the data (check_data), the learning_rate and the warm-up."
-        )
-        logger.error(self.message)
-
-    def _best_validation(self) -> float | None:
-        state = getattr(self.validator, "state", None)
-        if state is None or getattr(state, "best_metric_epoch", -1) in (-1, None):
-            return None
-        return float(state.best_metric)
 
     def exception_raised(self, engine: Engine, e: BaseException) -> None:
         """Record the crash in the report and save the last good state (the trainer re-raises the exception)."""
@@ -483,9 +418,9 @@ class StabilityGuard:
                 "lr_ceiling": self.lr.ceiling,
                 "snapshot_iteration": self.snapshot.iteration,
                 "score_gap": {"level": self.learning.level, "best": self.learning.best},
-                "best_validation": self._best_validation(),
-                "judged_from_epoch": self.judged_from_epoch,
-                "note": self.note,
+                "best_validation": best_validation(self.validator),
+                "judged_from_epoch": self.verdict.judged_from_epoch,
+                "note": self.verdict.note,
                 "quarantined": [{"image": k, **v} for k, v in self.quarantine.entries.items()],
             }
         )
@@ -502,24 +437,22 @@ class StabilityGuard:
     def state_dict(self) -> dict[str, Any]:
         return {
             "counters": dict(self.counters),
-            "lr": self.lr.state_dict(),
+            **self.lr_policy.state_dict(),
             "blame": self.blame.state_dict(),
             "learning": self.learning.state_dict(),
             "log": self.log.state_dict(),
             "snapshot_loss": self.snapshot_loss,
             "lr_checked": self.lr_checked,
-            "kept_as_transient": self.kept_as_transient,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.counters = {**dict.fromkeys(COUNTERS, 0), **state["counters"]}
-        self.lr.load_state_dict(state["lr"])
+        self.lr_policy.load_state_dict(state)
         self.blame.load_state_dict(state["blame"])
         self.learning.load_state_dict(state["learning"])
         self.log.load_state_dict(state["log"])
         self.snapshot_loss = state["snapshot_loss"]
         self.lr_checked = bool(state["lr_checked"])
-        self.kept_as_transient = state.get("kept_as_transient")
 
 
 def _nanmean(values: list[float]) -> float:

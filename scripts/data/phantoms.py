@@ -14,7 +14,7 @@ applies the inverse affine, so that box arrives in image coordinates as ``[i0 - 
 ``phantom_truth.json`` records exactly these image-coordinate boxes (``voxel_box``), the integer index ranges
 (``voxel_index_box``, end exclusive, for array slicing), and the nodules' nominal centres and diameters.
 
-CLI: ``python -m scripts.phantoms --out DIR --num-train 24 --num-val 8 --seed 0 [--shape 128 128 64]``.
+CLI: ``python -m scripts.data.phantoms --out DIR --num-train 24 --num-val 8 --seed 0 [--shape 128 128 64]``.
 """
 
 from __future__ import annotations
@@ -421,7 +421,7 @@ def ensure_dataset(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m scripts.phantoms", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.data.phantoms", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output folder (images/, datalist.json, phantom_truth.json)")
     parser.add_argument("--num-train", type=int, default=24)
     parser.add_argument("--num-val", type=int, default=8)

@@ -18,11 +18,11 @@ from monai.inferers import Inferer
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from scripts.data_check import ScreenedInputs
+from scripts.data.probe import diagnose
+from scripts.data.screening import ScreenedInputs
 from scripts.errors import describe
-from scripts.image_probe import diagnose
-from scripts.inference_io import DetectionWriter, Failure, image_name
-from scripts.previews import PreviewSaver
+from scripts.inference.io import DetectionWriter, Failure, image_name
+from scripts.inference.previews import PreviewSaver
 
 __all__ = ["DetectionInference", "InferenceDataset"]
 
@@ -81,10 +81,10 @@ class DetectionInference:
 
     Args:
         detector: the `RetinaNetDetector` with its sliding-window inferer set (inference.json's ``detector``).
-        inputs: the data check's verdict on the inputs (`scripts.data_check.screen_inputs`): the refused ones are
+        inputs: the data check's verdict on the inputs (`scripts.data.screening.screen_inputs`): the refused ones are
             listed as failures.
         dataset: the usable inputs, loaded (an `InferenceDataset` of ``inputs.items``).
-        inferer: runs the detector on a list of whole images (`scripts.evaluator.DetectionInferer`).
+        inferer: runs the detector on a list of whole images (`scripts.evaluation.evaluator.DetectionInferer`).
         writer: keeps and writes the results and failures.
         device: where the images go.
         amp: autocast on CUDA (as the evaluator does).

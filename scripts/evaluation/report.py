@@ -13,9 +13,9 @@ from ignite.engine import Engine, Events
 from monai.apps.detection.metrics.coco import COCOMetric
 from monai.utils import convert_to_numpy
 
-from scripts.coco_metric import coco_results
 from scripts.distributed import gather_lists
-from scripts.froc import LUNA16_FP_RATES, froc
+from scripts.evaluation.coco import coco_results
+from scripts.evaluation.froc import LUNA16_FP_RATES, froc
 from scripts.json_io import write_json
 
 __all__ = ["EvaluationReport", "evaluation_metrics", "save_froc_figure"]
@@ -84,7 +84,7 @@ def save_froc_figure(result: dict[str, Any], path: str) -> None:
 class EvaluationReport:
     """
     Collects per-image predictions and targets of an evaluator run; at the end of the epoch computes MONAI's
-    `COCOMetric` and the LUNA16 FROC (`scripts.froc.froc`), writes ``metrics.json``, ``metrics.csv`` and
+    `COCOMetric` and the LUNA16 FROC (`scripts.evaluation.froc.froc`), writes ``metrics.json``, ``metrics.csv`` and
     ``froc.png`` to ``output_dir`` and logs a summary. Under DDP the records of all ranks are gathered and the
     rank given an ``output_dir`` writes.
 

@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 
-from scripts.data_check import Rejected, load_datalist
-from scripts.data_checks import resolve_image
+from scripts.data.datalist import load_datalist
+from scripts.data.quarantine import image_path
+from scripts.data.rules import resolve_image
+from scripts.data.screening import Rejected
 from scripts.errors import UserError, describe
 from scripts.json_io import write_json
-from scripts.quarantine import image_path
 
 __all__ = [
     "checkpoint_file",

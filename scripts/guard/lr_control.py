@@ -1,8 +1,8 @@
 """The guard's hold on the learning rate: back it off, set it to what a search found, grow it back, never above a
 level that failed.
 
-It acts only through the schedule's public multiplier (`scripts.schedule.WarmupDecayLR.set_multiplier`), so the
-schedule keeps its shape (warm-up, decay) and the change survives a rollback and a resume.
+It acts only through the schedule's public multiplier (`scripts.detection.schedule.WarmupDecayLR.set_multiplier`),
+so the schedule keeps its shape (warm-up, decay) and the change survives a rollback and a resume.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from scripts.schedule import WarmupDecayLR
+from scripts.detection.schedule import WarmupDecayLR
 
 __all__ = ["LRControl"]
 
@@ -32,7 +32,7 @@ class LRControl:
         if not hasattr(lr_scheduler, "set_multiplier"):
             raise TypeError(
                 "the stability guard controls the LR through the schedule's multiplier: use "
-                f"scripts.schedule.WarmupDecayLR as lr_scheduler, got {type(lr_scheduler).__name__}"
+                f"scripts.detection.schedule.WarmupDecayLR as lr_scheduler, got {type(lr_scheduler).__name__}"
             )
         self.lr_scheduler = lr_scheduler
         self.ceiling_factor = ceiling_factor

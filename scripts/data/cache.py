@@ -12,7 +12,7 @@ that another process can read half-written (and then fails); its key is the data
 regenerated at the same path is served stale; and with ``track_meta`` its files hold objects that
 ``torch.load(weights_only=True)`` refuses, so every read silently recomputes. `SharedPersistentDataset` writes in
 the cache folder and renames atomically, keys each file by the item, the image file's size and modification time
-and the deterministic transforms, and expects items that `scripts.compact_crop.CompactVolumed` made loadable.
+and the deterministic transforms, and expects items that `scripts.data.crop.CompactVolumed` made loadable.
 """
 
 from __future__ import annotations

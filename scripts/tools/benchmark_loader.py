@@ -1,7 +1,7 @@
 """
 Training-loader benchmark at LUNA16 size: the model zoo's uncached pipeline against this bundle's, side by side.
 
-    python -m scripts.benchmark_loader [--out data/benchmark_loader] [--shape 512 512 256] [--num-train 3]
+    python -m scripts.tools.benchmark_loader [--out data/benchmark_loader] [--shape 512 512 256] [--num-train 3]
                                        [--batches 12] [--profile]
 
 Generates phantoms of ``--shape`` (kept in ``--out`` and reused), then runs each pipeline in its own process, one
@@ -50,11 +50,11 @@ from monai.transforms import (
 )
 from monai.utils import set_determinism
 
-from scripts.augment import RandRotateBoxd, SeparableRandGaussianSmoothd
-from scripts.compact_crop import CompactRandCropBoxByPosNegLabeld
-from scripts.phantoms import generate_dataset
+from scripts.data.augment import RandRotateBoxd, SeparableRandGaussianSmoothd
+from scripts.data.crop import CompactRandCropBoxByPosNegLabeld
+from scripts.data.phantoms import generate_dataset
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VARIANTS = ("zoo", "zoo_ram", "cached")
 
 
@@ -229,7 +229,7 @@ def measure(variant: str, dataset_dir: str, work_dir: str, batches: int, profile
 
 
 def _run_child(variant: str, args: argparse.Namespace) -> Result:
-    cmd = [sys.executable, "-m", "scripts.benchmark_loader", "--child", variant, "--out", args.out]
+    cmd = [sys.executable, "-m", "scripts.tools.benchmark_loader", "--child", variant, "--out", args.out]
     cmd += ["--batches", str(args.batches)] + (["--profile"] if args.profile else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)

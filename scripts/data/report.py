@@ -25,7 +25,7 @@ class Finding:
         index: the item's position in its section (``None`` for the datalist or a section as a whole).
         image: the item's image as an absolute path (``""`` when unknown).
         severity: ``"error"`` (the item cannot be used) or ``"warning"`` (it can).
-        problem: a short code (see `scripts.data_check`).
+        problem: a short code (see `scripts.data.check`).
         message: human text naming where it is and the file.
         details: the numbers behind the message.
     """

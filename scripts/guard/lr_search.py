@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from scripts.snapshot import Snapshot
-from scripts.step_report import StepReport
+from scripts.detection.step_report import StepReport
+from scripts.guard.snapshot import Snapshot
 
 __all__ = ["SearchResult", "Trial", "TrialRunner", "search_lr"]
 

@@ -19,7 +19,7 @@ from monai.handlers import MLFlowHandler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from scripts.step_report import StepReport
+from scripts.detection.step_report import StepReport
 
 __all__ = ["TrainingMonitor"]
 

@@ -26,7 +26,7 @@ import torch
 from monai.data import NibabelReader
 from monai.transforms import Compose, LoadImaged
 
-from scripts.data_checks import ImageHeader, VoxelStats
+from scripts.data.rules import ImageHeader, VoxelStats
 from scripts.errors import describe
 
 __all__ = [

@@ -4,7 +4,7 @@ run of the same optimiser and warm-up, each best model evaluated on the validati
 (fault, healthy AP@0.1, guarded AP@0.1, ratio, sensitivity at 2 false positives per scan, rollbacks, final LR scale,
 wall time) to ``--out``.
 
-    python -m scripts.fault_matrix --out runs/matrix --seed 7 --shape 120 120 60 --num-train 16 --num-val 12
+    python -m scripts.tools.fault_matrix --out runs/matrix --seed 7 --shape 120 120 60 --num-train 16 --num-val 12
 
 A benchmark, not a test: with the demo recipe each run takes minutes on a CPU (``--faults`` picks a subset). The
 phantom set is generated with a seed and shape of your choosing (not the bundle's default data), or given with
@@ -29,12 +29,12 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from scripts.data.phantoms import generate_dataset
 from scripts.json_io import write_json
-from scripts.phantoms import generate_dataset
 
 __all__ = ["FAULTS", "Fault", "Outcome", "main"]
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 AP_KEY = "AP_IoU_0.10_MaxDet_100"
 
 
@@ -69,8 +69,8 @@ def _faults(sgd_lr: float, adamw_lr: float, iterations: int) -> list[Fault]:
     adamw = {"optimizer_name": "adamw"}
     no_warmup = {"warmup_epochs": 0}
     burst = max(iterations // 3, 1)
-    inf_burst = {"_target_": "scripts.faults.InfGradients", "first": burst, "last": burst + 9}
-    fp16_burst = {"_target_": "scripts.faults.LossScaleOverflow", "first": burst, "last": burst + 9}
+    inf_burst = {"_target_": "scripts.tools.faults.InfGradients", "first": burst, "last": burst + 9}
+    fp16_burst = {"_target_": "scripts.tools.faults.LossScaleOverflow", "first": burst, "last": burst + 9}
     faults = [
         Fault("healthy sgd", "healthy sgd", {**sgd, "learning_rate": sgd_lr}),
         Fault("healthy sgd, no warm-up", "healthy sgd, no warm-up", {**sgd, **no_warmup, "learning_rate": sgd_lr}),
@@ -210,7 +210,7 @@ def table(faults: Sequence[Fault], outcomes: dict[str, Outcome]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m scripts.fault_matrix", description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(prog="python -m scripts.tools.fault_matrix", description=__doc__.split("\n\n")[1])
     parser.add_argument("--out", required=True, help="work folder: one bundle root per run, the table and JSON")
     parser.add_argument("--data", help="a phantom or LUNA16-style set (default: generate one into OUT/data)")
     parser.add_argument("--seed", type=int, default=7)

@@ -3,7 +3,7 @@ Overhead of the stabilised step: the guarded iteration (finiteness checks, buffe
 bookkeeping and snapshots) against the same iteration with the guard off, alternating in one process on the
 same batches, so machine noise hits both alike. Prints the medians and their ratio.
 
-    python -m scripts.benchmark_guard --config_file "['configs/train.json','configs/demo.json']" --rounds 100
+    python -m scripts.tools.benchmark_guard --config_file "['configs/train.json','configs/demo.json']" --rounds 100
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
-from scripts.guard import StabilityGuard
-from scripts.schedule import WarmupDecayLR
-from scripts.trainer import StabilisedDetectionTrainer
+from scripts.detection.schedule import WarmupDecayLR
+from scripts.detection.trainer import StabilisedDetectionTrainer
+from scripts.guard.stability_guard import StabilityGuard
 
 
 def make_batches(n: int, patch: list[int], batch_size: int, seed: int = 0) -> list[list[list[dict]]]:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from scripts.inference_io import image_name
+from scripts.inference.io import image_name
 
 __all__ = ["PreviewSaver", "save_preview"]
 

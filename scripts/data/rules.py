@@ -1,7 +1,7 @@
 """The data check's judgements on one item: values in, findings out through the item's `ItemRecorder`.
 
-Nothing here reads a file: `scripts.image_probe` reads headers and voxels within a memory bound, and
-`scripts.data_check` walks the datalist and calls these checks in order. Each check records what it finds and, where
+Nothing here reads a file: `scripts.data.probe` reads headers and voxels within a memory bound, and
+`scripts.data.check` walks the datalist and calls these checks in order. Each check records what it finds and, where
 later checks depend on it, returns whether the item is still usable.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from scripts.data_report import ItemRecorder
+from scripts.data.report import ItemRecorder
 
 __all__ = [
     "Annotations",
@@ -84,7 +84,7 @@ class Annotations:
 @dataclass(frozen=True)
 class ImageHeader:
     """
-    What an image header claims, and the file that holds the voxels (read by `scripts.image_probe.read_header`).
+    What an image header claims, and the file that holds the voxels (read by `scripts.data.probe.read_header`).
 
     Args:
         shape: the array shape (NIfTI: x, y, z, then time or channels).

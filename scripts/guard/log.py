@@ -1,7 +1,7 @@
 """The stability guard's record: one console line and one log entry per event and per LR search, the JSON report,
 the last-good checkpoint.
 
-Nothing here decides anything; `scripts.guard.StabilityGuard` tells it what happened.
+Nothing here decides anything; `scripts.guard.stability_guard.StabilityGuard` tells it what happened.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
+from scripts.guard.lr_search import SearchResult
 from scripts.json_io import write_json
-from scripts.lr_search import SearchResult
 
 __all__ = ["GuardEvent", "GuardLog"]
 

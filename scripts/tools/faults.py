@@ -2,7 +2,7 @@
 
 Each is an ignite handler that a config adds by name to the trainer's handlers, e.g.
 
-    --train#extra_handlers#fault "{'_target_': 'scripts.faults.InfGradients', 'first': 200, 'last': 209}"
+    --train#extra_handlers#fault "{'_target_': 'scripts.tools.faults.InfGradients', 'first': 200, 'last': 209}"
 
 They act through MONAI's iteration events (after backward), so the LR searches of the guard, which run the
 trainer's step without those events, never see them: like a transient hardware or data fault, they hit the run's

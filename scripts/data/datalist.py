@@ -1,0 +1,77 @@
+"""The datalist: the model zoo's (LUNA16) JSON of ``{"training": [...], "validation": [...]}`` items, each
+``{"image": path, "box": [[cx, cy, cz, w, h, d], ...], "label": [...]}``. Reading it, its structure, and its items
+made ready for MONAI datasets. What each item holds is judged by the data check (`scripts.data.check`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from scripts.data.report import DataReport
+from scripts.data.rules import resolve_image
+from scripts.errors import UserError
+
+__all__ = ["SECTIONS", "DatalistError", "load_datalist", "resolved_items", "section_items"]
+
+SECTIONS = ("training", "validation")
+
+
+class DatalistError(UserError):
+    """The datalist file is missing (``code`` ``datalist_missing``), is not valid JSON (``datalist_invalid_json``),
+    or, under the policy ``off``, has no list to use (``missing_section``)."""
+
+    def __init__(self, path: str, code: str, detail: str) -> None:
+        super().__init__(f"datalist {path}: {detail}")
+        self.code, self.detail = code, detail
+
+
+def load_datalist(data_list_file_path: str) -> Any:
+    """The parsed datalist JSON; raises `DatalistError` naming the file when it is missing or not valid JSON."""
+    path = os.path.abspath(str(data_list_file_path))
+    if not os.path.isfile(path):
+        raise DatalistError(path, "datalist_missing", "file does not exist; check data_list_file_path")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatalistError(path, "datalist_invalid_json", f"not valid JSON ({e})") from e
+
+
+def section_items(datalist: Any, sections: Sequence[str], report: DataReport) -> list[tuple[str, list]]:
+    """
+    The datalist's structure: ``(section, items)`` for each of ``sections`` that is a list; what is wrong with the
+    datalist itself (not a dict, a section missing, not a list, or empty) goes to ``report``. The first section is
+    required (an error), the others may be missing (a warning).
+    """
+    if not isinstance(datalist, dict):
+        report.item(None, None).error("datalist_not_dict", f"must be a JSON object, got {type(datalist).__name__}")
+        return []
+    todo: list[tuple[str, list]] = []
+    for k, section in enumerate(sections):
+        severity = "error" if k == 0 else "warning"
+        rec = report.item(section, None)
+        if section not in datalist:
+            rec.add(severity, "missing_section", f'no "{section}" section (it has {sorted(datalist)})')
+        elif not isinstance(datalist[section], list):
+            rec.error("bad_section", f'"{section}" must be a list of items')
+        else:
+            if not datalist[section]:
+                rec.add(severity, "empty_section", f'"{section}" is empty')
+            todo.append((section, datalist[section]))
+    return todo
+
+
+def resolved_items(datalist: dict, section: str, dataset_dir: str, drop: set[int]) -> list[dict]:
+    """The items of ``section`` not in ``drop``, each ``image`` made absolute."""
+    items = datalist.get(section) or []
+    out = []
+    for i, item in enumerate(items if isinstance(items, list) else []):
+        if i in drop:
+            continue
+        if isinstance(item, dict) and isinstance(item.get("image"), str):
+            item = {**item, "image": resolve_image(item["image"], dataset_dir)}
+        out.append(item)
+    return out

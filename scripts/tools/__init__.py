@@ -1,0 +1,2 @@
+"""What only a person runs, never a config: benchmarks (`benchmark_guard`, `benchmark_loader`), the fault matrix
+(`fault_matrix`) and the fault injectors it adds to a run (`faults`), and plots (`plot_training`)."""
