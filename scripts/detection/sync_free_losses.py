@@ -29,6 +29,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from monai.apps.detection.utils.ATSS_matcher import ATSSMatcher
+from monai.apps.detection.utils.hard_negative_sampler import HardNegativeSampler
+from monai.data.box_utils import box_iou
 from torch import Tensor, nn
 
 __all__ = [
@@ -339,11 +342,7 @@ class SyncFreeRetinaNetLoss:
 
     @classmethod
     def from_detector(cls, detector: nn.Module, **kwargs) -> SyncFreeRetinaNetLoss:
-        """The loss of a MONAI ``RetinaNetDetector`` set up with ``set_atss_matcher`` and ``set_hard_negative_sampler``."""
-        from monai.apps.detection.utils.ATSS_matcher import ATSSMatcher
-        from monai.apps.detection.utils.hard_negative_sampler import HardNegativeSampler
-        from monai.data.box_utils import box_iou
-
+        """The loss of a MONAI ``RetinaNetDetector`` with ``set_atss_matcher`` and ``set_hard_negative_sampler``."""
         matcher, sampler = getattr(detector, "proposal_matcher", None), detector.fg_bg_sampler
         if not isinstance(matcher, ATSSMatcher) or matcher.similarity_fn is not box_iou:
             raise NotImplementedError(f"sync-free losses need MONAI's ATSS matcher with box_iou, got {matcher!r}")
