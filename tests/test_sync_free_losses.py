@@ -45,8 +45,11 @@ def random_case(rng: random.Random, max_boxes: int = 5):
         for _ in range(rng.randint(0, max_boxes)):
             at_border = rng.random() < 0.3
             lo = [0.0 if at_border and rng.random() < 0.5 else rng.uniform(-2, s - 1) for s in size]
+            outside = rng.random() < 0.05
+            if outside:
+                lo[0] = size[0] + 40.0  # outside the image: every candidate IoU is 0, the threshold is 0
             extent = [rng.choice([0.3, 1, 3, 6, 12, 40]) * rng.uniform(0.5, 1.5) for _ in size]
-            hi = [min(a + e, s) if not at_border else a + e for a, e, s in zip(lo, extent, size)]
+            hi = [a + e if at_border or outside else min(a + e, s) for a, e, s in zip(lo, extent, size)]
             rows.append(lo + hi)
         if rows and rng.random() < 0.3:
             rows.append(list(rows[0]))  # two identical boxes: ties between boxes
@@ -94,7 +97,7 @@ def test_an_image_without_boxes_is_all_background():
 
 @pytest.mark.parametrize(
     "batch_size, fraction, min_neg, pool_size",
-    [(64, 0.3, 16, 20), (8, 0.5, 1, 2), (64, 0.3, 16, 0.5), (6, 0.25, 3, 10)],
+    [(64, 0.3, 16, 20), (8, 0.5, 1, 2), (64, 0.3, 16, 0.5), (6, 0.25, 3, 10), (16, 0.1, 1, 3)],
 )
 def test_sampler_counts_and_rule_equal_monai(batch_size, fraction, min_neg, pool_size):
     monai_sampler = HardNegativeSampler(batch_size, fraction, min_neg=min_neg, pool_size=pool_size)
@@ -179,6 +182,23 @@ def test_losses_equal_monai_for_the_same_sample():
         torch.testing.assert_close(mine.box_loss, ref["box_regression"].to(mine.box_loss))
         compared += int(mine.positives.sum())
     assert compared > 50
+
+
+def test_a_non_finite_output_left_out_of_the_sample_still_makes_the_losses_nan():
+    anchors, locations, boxes, labels = random_case(random.Random(3))
+    detector = monai_detector_on()
+    loss = SyncFreeRetinaNetLoss.from_detector(detector)
+    cls_logits = torch.randn(len(anchors), anchors[0].shape[0], 2)
+    box_regression = torch.randn(len(anchors), anchors[0].shape[0], 6)
+    clean = loss(cls_logits, box_regression, boxes, labels, anchors, locations)
+    assert clean.finite and math.isfinite(clean.cls_loss) and math.isfinite(clean.box_loss)
+    background = int((clean.matched_idxs[0] == -1).nonzero()[0])
+    box_regression[0, background, 0] = math.nan  # at a background anchor: no loss term reads it
+    result = loss(cls_logits, box_regression, boxes, labels, anchors, locations)
+    assert not result.finite and math.isnan(result.cls_loss) and math.isnan(result.box_loss)
+    loss.propagate_nonfinite = False
+    result = loss(cls_logits, box_regression, boxes, labels, anchors, locations)
+    assert math.isfinite(result.cls_loss) and math.isfinite(result.box_loss)
 
 
 def sample_batch(num: int = 2, empty: int | None = None):
