@@ -7,7 +7,8 @@ import random
 
 import pytest
 import torch
-from conftest import tiny_detector, tiny_sample
+from conftest import finite_weights, make_trainer, tiny_detector, tiny_sample
+from ignite.engine import Events
 from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
 from monai.apps.detection.utils.ATSS_matcher import ATSSMatcher
 from monai.apps.detection.utils.box_coder import BoxCoder
@@ -306,6 +307,23 @@ def test_a_non_finite_logit_makes_the_losses_nan_instead_of_raising():
         losses = detector(images, [dict(t) for t in targets])
     assert count.total == 0
     assert math.isnan(float(losses["classification"])) and math.isnan(float(losses["box_regression"]))
+
+
+def test_the_guarded_trainer_runs_the_sync_free_detector(tmp_path):
+    trainer, guard = make_trainer(tmp_path, epochs=1)
+    trainer.detector.set_sync_free(True)
+    reports = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: reports.append(engine.state.output))
+
+    @trainer.on(Events.ITERATION_STARTED(once=3))
+    def _corrupt(engine):
+        with torch.no_grad():
+            engine.network.feature_extractor.body.conv1.weight.fill_(float("nan"))
+
+    trainer.run()
+    assert [r.event for r in reports] == [None, None, "loss", None]  # NaN logits: a NaN loss, not a raised head
+    assert all(math.isfinite(r.loss) and r.positive_score > 0 for r in (reports[0], reports[1], reports[3]))
+    assert guard.counters["rollbacks"] == 1 and finite_weights(trainer.network)
 
 
 def test_sync_counter_counts_the_sync_ops():
