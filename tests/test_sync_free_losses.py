@@ -21,6 +21,7 @@ from scripts.detection.sync_free_losses import (
     encode_boxes,
     pad_targets,
     sample_anchors,
+    sample_counts,
 )
 from scripts.detector import ANCHOR_SCORES
 from scripts.tools.sync_count import SyncCounter
@@ -67,8 +68,8 @@ def monai_matches(matcher: ATSSMatcher, anchors, locations, boxes) -> list[torch
     return out
 
 
-@pytest.mark.parametrize("center_in_gt", [False, True])
-def test_matching_and_box_targets_equal_monai(center_in_gt):
+@pytest.mark.parametrize("center_in_gt, batched", [(False, False), (False, True), (True, False), (True, True)])
+def test_matching_and_box_targets_equal_monai(center_in_gt, batched):
     rng = random.Random(1234 + center_in_gt)
     matcher = ATSSMatcher(4, center_in_gt=center_in_gt)
     coder = BoxCoder(weights=(1.0,) * 6)
@@ -76,7 +77,8 @@ def test_matching_and_box_targets_equal_monai(center_in_gt):
     for _ in range(50 if not center_in_gt else 15):
         anchors, locations, boxes, labels = random_case(rng)
         gt, _, valid = pad_targets(boxes, labels, CPU)
-        mine = atss_match(gt, valid, torch.stack(anchors), locations, 3, 4, center_in_gt)
+        counts = None if batched else [b.shape[0] for b in boxes]
+        mine = atss_match(gt, valid, torch.stack(anchors), locations, 3, 4, center_in_gt, num_boxes=counts)
         for i, ref in enumerate(monai_matches(matcher, anchors, locations, boxes)):
             assert torch.equal(mine[i], ref), (i, (mine[i] != ref).sum())
             fg = ref >= 0
@@ -88,12 +90,26 @@ def test_matching_and_box_targets_equal_monai(center_in_gt):
     assert matched_anchors > 100  # the cases do match anchors
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_one_candidate_per_box_matches_monais_corner_case(batched):
+    # one level of one location: one candidate per box, MONAI's "n_candidates <= 1" branch (all matched to box 0)
+    anchors = [torch.tensor([[0.0, 0, 0, 8, 8, 4], [1, 1, 0, 7, 7, 4], [0, 0, 1, 8, 8, 3]])] * 2
+    boxes = [torch.tensor([[1.0, 1, 1, 5, 5, 3], [2, 2, 1, 8, 8, 4]]), torch.zeros((0, 6))]
+    labels = [torch.tensor([0, 1]), torch.zeros(0, dtype=torch.long)]
+    gt, _, valid = pad_targets(boxes, labels, CPU)
+    counts = None if batched else [2, 0]
+    mine = atss_match(gt, valid, torch.stack(anchors), [1], 3, 4, num_boxes=counts)
+    ref = monai_matches(ATSSMatcher(4, center_in_gt=False), anchors, [1], boxes)
+    assert torch.equal(mine, torch.stack(ref)) and (mine[0] == 0).any()
+
+
 def test_an_image_without_boxes_is_all_background():
     anchors, locations, _, _ = random_case(random.Random(0))
     boxes = [torch.zeros((0, 6)) for _ in anchors]
     gt, _, valid = pad_targets(boxes, [torch.zeros(0, dtype=torch.long) for _ in anchors], CPU, min_boxes=4)
     assert gt.shape == (len(anchors), 4, 6) and not valid.any()
     assert (atss_match(gt, valid, torch.stack(anchors), locations, 3) == -1).all()
+    assert (atss_match(gt, valid, torch.stack(anchors), locations, 3, num_boxes=[0] * len(anchors)) == -1).all()
 
 
 @pytest.mark.parametrize(
@@ -126,6 +142,20 @@ def test_sampler_counts_and_rule_equal_monai(batch_size, fraction, min_neg, pool
             if pool:
                 edge = background.topk(pool).values[-1]
                 assert (scores[row][neg[row]] >= edge).all()
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.1, 1 / 3, 0.7, 0.25, 0.55])
+@pytest.mark.parametrize("pool_size", [20, 0.5, 2.5, 10, 1 / 3])
+def test_sample_counts_are_monais_python_arithmetic(fraction, pool_size):
+    sampler = HardNegativeSampler(200, fraction, min_neg=7, pool_size=pool_size)
+    num_positive = torch.arange(0, 200).repeat_interleave(3)
+    num_negative = torch.tensor([0, 5, 10**6]).repeat(200)
+    num_pos, num_neg, pool = sample_counts(num_positive, num_negative, 200, fraction, 7, pool_size)
+    for p, n, got_pos, got_neg, got_pool in zip(num_positive, num_negative, num_pos, num_neg, pool):
+        want_pos = sampler.get_num_pos(torch.empty(int(p)))
+        want_neg = sampler.get_num_neg(torch.empty(int(n)), want_pos)
+        assert (int(got_pos), int(got_neg)) == (want_pos, want_neg)
+        assert int(got_pool) == min(int(n), int(want_neg * pool_size))
 
 
 def test_sampler_draws_at_random_from_the_whole_pool():

@@ -42,6 +42,7 @@ __all__ = [
     "encode_boxes",
     "pad_targets",
     "sample_anchors",
+    "sample_counts",
 ]
 
 BELOW_LOW_THRESHOLD = -1  # MONAI's Matcher code of a background anchor (ATSS never gives BETWEEN_THRESHOLDS, -2)
@@ -58,15 +59,22 @@ SUPPORTED_LOSSES: tuple[type[nn.Module], ...] = (
 
 
 def pad_targets(
-    boxes: Sequence[Tensor], labels: Sequence[Tensor], device: torch.device, min_boxes: int = 1
+    boxes: Sequence[Tensor],
+    labels: Sequence[Tensor],
+    device: torch.device,
+    min_boxes: int = 1,
+    width: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """
     Stack per-image boxes (N_i, 2*D) and labels (N_i,) into (B, N, 2*D), (B, N) and a validity mask (B, N), with
     N = max(N_i, ``min_boxes``, 1) taken from the shapes (no tensor value is read). A padded row holds the unit box
-    at the origin (finite in every formula) and label 0; its mask is False.
+    at the origin (finite in every formula) and label 0; its mask is False. ``width`` is 2D (default: from the
+    boxes, else 6). Boxes on another device than ``device`` are copied (a blocking copy from the CPU: give them on
+    the device, as the trainer's ``prepare_batch`` does).
     """
     count = max([int(b.shape[0]) for b in boxes] + [min_boxes, 1])  # shapes are host metadata: no sync
-    width = int(boxes[0].shape[-1]) if boxes[0].dim() == 2 and boxes[0].shape[-1] else 6
+    if width is None:
+        width = next((int(b.shape[-1]) for b in boxes if b.dim() == 2 and b.shape[-1]), 6)
     dtype = boxes[0].dtype if boxes[0].is_floating_point() else torch.float32
     padded = torch.zeros((len(boxes), count, width), dtype=dtype, device=device)
     padded[..., width // 2 :] = 1.0
@@ -116,6 +124,51 @@ def _iou(boxes: Tensor, anchors: Tensor) -> Tensor:
     return iou.to(boxes.dtype if boxes.is_floating_point() else f32)
 
 
+def _atss_candidates(
+    boxes: Tensor,
+    anchors: Tensor,
+    num_anchor_locs_per_level: Sequence[int],
+    num_anchors_per_loc: int,
+    num_candidates: int,
+    center_in_gt: bool,
+    full_iou: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """
+    ATSS candidates of boxes (..., N, 2D) among anchors (..., M, 2D): their anchor indices (..., N, K), IoUs and
+    whether each is positive (its IoU reaches the box's mean + std). With no leading dimension and ``full_iou``,
+    every tensor has the shape of MONAI's and goes through the same operations.
+    """
+    f32 = torch.float32
+    # the same expression as MONAI's boxes_center_distance, so that equal distances stay equal
+    distances = (_centers(boxes.to(f32))[..., :, None, :] - _centers(anchors.to(f32))[..., None, :, :]).pow(2)
+    distances = distances.sum(-1).sqrt()
+    candidates = []
+    start = 0
+    for locations in num_anchor_locs_per_level:
+        end = start + locations * num_anchors_per_loc
+        k = min(num_candidates * num_anchors_per_loc, locations)  # MONAI's bound (locations, not anchors)
+        _, idx = distances[..., start:end].topk(k, dim=-1, largest=False)
+        candidates.append(idx + start)
+        start = end
+    candidate_idx = torch.cat(candidates, dim=-1)  # (..., N, K)
+
+    candidate_anchors = torch.take_along_dim(anchors[..., None, :, :], candidate_idx[..., None], dim=-2)
+    if full_iou:  # MONAI's (N, M) matrix, then the candidates' entries
+        candidate_ious = _iou(boxes[..., :, None, :], anchors[..., None, :, :]).gather(-1, candidate_idx)
+    else:  # only the candidates' IoUs: K instead of M per box
+        candidate_ious = _iou(boxes[..., :, None, :], candidate_anchors)
+    if candidate_idx.shape[-1] <= 1:
+        return candidate_idx, candidate_ious, torch.ones_like(candidate_idx, dtype=torch.bool)
+    threshold = candidate_ious.mean(dim=-1) + candidate_ious.std(dim=-1)
+    is_pos = candidate_ious >= threshold[..., None]
+    if center_in_gt:
+        d = boxes.shape[-1] // 2
+        centres = _centers(candidate_anchors.to(f32))
+        to_border = torch.cat([centres - boxes[..., :, None, :d], boxes[..., :, None, d:] - centres], dim=-1)
+        is_pos = is_pos & (to_border.to(f32).min(dim=-1).values > _CENTER_IN_GT_EPS)
+    return candidate_idx, candidate_ious, is_pos
+
+
 def atss_match(
     boxes: Tensor,
     box_valid: Tensor,
@@ -124,6 +177,7 @@ def atss_match(
     num_anchors_per_loc: int,
     num_candidates: int = 4,
     center_in_gt: bool = False,
+    num_boxes: Sequence[int] | None = None,
 ) -> Tensor:
     """
     MONAI's ATSS matching (``ATSSMatcher`` through ``RetinaNetDetector.compute_anchor_matched_idxs``) for a batch.
@@ -141,48 +195,41 @@ def atss_match(
         num_anchors_per_loc: anchors per location.
         num_candidates: ATSS candidates per location and level.
         center_in_gt: whether a positive's centre must lie inside its box.
+        num_boxes: the boxes of each image (host ints, the first ``num_boxes[i]`` rows of ``boxes[i]``): the
+            candidates are then found image by image on tensors of MONAI's shapes, so that the choice among
+            equidistant anchors (``topk`` ties) and the rounding of the IoU mean and std are MONAI's on any device.
+            None: batched over the padded boxes (fixed shapes, e.g. for graph capture; equal to MONAI on the CPU,
+            where it is tested, but a GPU kernel may break distance ties or round differently for other shapes).
 
     Returns:
         (B, M) int64: the matched box index, or -1 (background).
     """
-    f32 = torch.float32
-    batch, _, num_anchors = boxes.shape[0], boxes.shape[1], anchors.shape[1]
-    box_centres = _centers(boxes.to(f32))
-    anchor_centres = _centers(anchors.to(f32))
-    # (B, N, M): the same expression as MONAI's boxes_center_distance, so that equal distances stay equal
-    distances = (box_centres[:, :, None] - anchor_centres[:, None]).pow(2).sum(-1).sqrt()
-
-    candidates = []
-    start = 0
-    for locations in num_anchor_locs_per_level:
-        end = start + locations * num_anchors_per_loc
-        k = min(num_candidates * num_anchors_per_loc, locations)  # MONAI's bound (locations, not anchors)
-        _, idx = distances[..., start:end].topk(k, dim=-1, largest=False)
-        candidates.append(idx + start)
-        start = end
-    candidate_idx = torch.cat(candidates, dim=-1)  # (B, N, K)
+    batch, num_gt, num_anchors = boxes.shape[0], boxes.shape[1], anchors.shape[1]
+    settings = (num_anchor_locs_per_level, num_anchors_per_loc, num_candidates, center_in_gt)
+    if num_boxes is None:
+        candidate_idx, candidate_ious, is_pos = _atss_candidates(boxes, anchors, *settings, full_iou=False)
+    else:
+        k = sum(min(num_candidates * num_anchors_per_loc, locations) for locations in num_anchor_locs_per_level)
+        candidate_idx = torch.zeros((batch, num_gt, k), dtype=torch.long, device=boxes.device)
+        candidate_ious = torch.zeros((batch, num_gt, k), dtype=boxes.dtype, device=boxes.device)
+        is_pos = torch.zeros((batch, num_gt, k), dtype=torch.bool, device=boxes.device)
+        for i, n in enumerate(num_boxes):  # host ints: a loop over images, no sync
+            if n:
+                found = _atss_candidates(boxes[i, :n], anchors[i], *settings, full_iou=True)
+                for whole, part in zip((candidate_idx, candidate_ious, is_pos), found, strict=True):
+                    whole[i, :n] = part
+    is_pos = is_pos & box_valid[..., None]
 
     if candidate_idx.shape[-1] <= 1:
         # MONAI's corner case (the std of one IoU is NaN): every box's candidate is matched to box 0
         hit = torch.zeros((batch, num_anchors), dtype=torch.long, device=anchors.device)
-        hit.scatter_add_(1, candidate_idx.flatten(1), box_valid[..., None].expand_as(candidate_idx).flatten(1).long())
+        hit.scatter_add_(1, candidate_idx.flatten(1), is_pos.flatten(1).long())
         return torch.where(hit > 0, 0, BELOW_LOW_THRESHOLD)
 
-    candidate_anchors = anchors.gather(1, candidate_idx.flatten(1)[..., None].expand(-1, -1, anchors.shape[-1]))
-    candidate_anchors = candidate_anchors.view(*candidate_idx.shape, anchors.shape[-1])  # (B, N, K, 2D)
-    candidate_ious = _iou(boxes[:, :, None], candidate_anchors)  # (B, N, K): only the IoUs MONAI reads
-    threshold = candidate_ious.mean(dim=-1) + candidate_ious.std(dim=-1)
-    is_pos = (candidate_ious >= threshold[..., None]) & box_valid[..., None]
-    if center_in_gt:
-        d = boxes.shape[-1] // 2
-        centres = _centers(candidate_anchors.to(f32))
-        to_border = torch.cat([centres - boxes[:, :, None, :d], boxes[:, :, None, d:] - centres], dim=-1)
-        is_pos = is_pos & (to_border.to(f32).min(dim=-1).values > _CENTER_IN_GT_EPS)
-
     # an anchor positive for several boxes goes to the box of highest IoU: a max over boxes of the positive IoUs
-    ious = torch.full((batch, boxes.shape[1], num_anchors), -math.inf, dtype=candidate_ious.dtype, device=boxes.device)
+    ious = torch.full((batch, num_gt, num_anchors), -math.inf, dtype=candidate_ious.dtype, device=boxes.device)
     ious.scatter_(2, candidate_idx, torch.where(is_pos, candidate_ious, -math.inf))
-    best, matches = ious.to(f32).max(dim=1)  # the first maximal box on ties, as MONAI's max over dim 0
+    best, matches = ious.to(torch.float32).max(dim=1)  # the first maximal box on ties, as MONAI's max over dim 0
     return torch.where(best == -math.inf, BELOW_LOW_THRESHOLD, matches)
 
 
@@ -192,7 +239,8 @@ def encode_boxes(gt_boxes: Tensor, anchors: Tensor, weights: Sequence[float]) ->
     broadcastable (..., 2D) boxes and anchors, without its validity and NaN checks (host syncs).
     """
     d = gt_boxes.shape[-1] // 2
-    w = torch.as_tensor(weights, dtype=gt_boxes.dtype, device=gt_boxes.device)
+    # filled on the device: a tensor made from a Python list would be a blocking host-to-device copy
+    w = torch.stack([gt_boxes.new_full((), float(v)) for v in weights])
     anchor_size = _sizes(anchors)
     offsets = w[:d] * (_centers(gt_boxes) - _centers(anchors)) / anchor_size
     log_sizes = w[d:] * torch.log(_sizes(gt_boxes) / anchor_size)
@@ -211,6 +259,40 @@ def _draw(keys: Tensor, eligible: Tensor, count: Tensor, k_max: int) -> Tensor:
     return torch.zeros_like(eligible).scatter_(1, order, take)
 
 
+def _count_bounds(
+    batch_size_per_image: int, positive_fraction: float, min_neg: int, pool_size: float
+) -> tuple[int, int, int]:
+    """The largest num_pos, num_neg and pool `sample_counts` can give (Python ints: the static sizes of topk)."""
+    max_pos = int(batch_size_per_image * positive_fraction)
+    # MONAI's formulas grow with num_pos and num_neg: their bounds are their values at the largest ones
+    max_neg = max(int(max(1, max_pos) * abs(1 - 1.0 / float(positive_fraction))), min_neg)
+    return max_pos, max_neg, int(max_neg * pool_size)
+
+
+def sample_counts(
+    num_positive: Tensor,
+    num_negative: Tensor,
+    batch_size_per_image: int,
+    positive_fraction: float,
+    min_neg: int = 1,
+    pool_size: float = 10,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """
+    MONAI's ``HardNegativeSampler`` counts per image, as device tensors, from the numbers of positive and negative
+    anchors (B,): ``num_pos = min(P, int(batch_size_per_image * positive_fraction))``,
+    ``num_neg = min(N, max(int(max(1, num_pos) * |1 - 1/positive_fraction|), min_neg))`` and the hard pool
+    ``min(N, int(num_neg * pool_size))``. The products are float64 on the device, the same IEEE operations as
+    MONAI's Python floats, and ``int()`` of a non-negative number is its floor: the counts are MONAI's exactly.
+    """
+    max_pos = int(batch_size_per_image * positive_fraction)
+    ratio = abs(1 - 1.0 / float(positive_fraction))
+    num_pos = num_positive.clamp(max=max_pos)
+    wanted = (num_pos.clamp(min=1).to(torch.float64) * ratio).floor().long().clamp(min=min_neg)
+    num_neg = torch.minimum(num_negative, wanted)
+    pool = torch.minimum(num_negative, (num_neg.to(torch.float64) * float(pool_size)).floor().long())
+    return num_pos, num_neg, pool
+
+
 def sample_anchors(
     matched_idxs: Tensor,
     scores: Tensor,
@@ -227,7 +309,7 @@ def sample_anchors(
     uniformly; ``num_neg = min(#negatives, max(int(max(1, num_pos) * |1 - 1/positive_fraction|), min_neg))``
     negatives drawn uniformly from the ``min(#negatives, int(num_neg * pool_size))`` negatives of highest
     ``scores``. Positives are anchors with ``matched_idxs >= 0``, negatives those at -1 (-2 is neither). The counts
-    are device tensors, computed with MONAI's Python arithmetic through lookup tables indexed on the device.
+    are device tensors (`sample_counts`).
 
     Args:
         matched_idxs: (B, M) matched box index per anchor.
@@ -238,23 +320,15 @@ def sample_anchors(
     device = matched_idxs.device
     positive = matched_idxs >= 0
     negative = matched_idxs == BELOW_LOW_THRESHOLD
-    max_pos = int(batch_size_per_image * positive_fraction)
-    # MONAI's int()/float arithmetic, evaluated in Python for every possible num_pos and num_neg
-    neg_for_pos = [max(int(max(1, p) * abs(1 - 1.0 / float(positive_fraction))), min_neg) for p in range(max_pos + 1)]
-    max_neg = max(neg_for_pos)
-    pool_for_neg = [int(n * pool_size) for n in range(max_neg + 1)]
-    neg_table = torch.tensor(neg_for_pos, dtype=torch.long, device=device)
-    pool_table = torch.tensor(pool_for_neg, dtype=torch.long, device=device)
-
-    num_negative = negative.sum(dim=1)
-    num_pos = positive.sum(dim=1).clamp(max=max_pos)
-    num_neg = torch.minimum(num_negative, neg_table[num_pos])
-    pool = torch.minimum(num_negative, pool_table[num_neg])
+    num_pos, num_neg, pool = sample_counts(
+        positive.sum(dim=1), negative.sum(dim=1), batch_size_per_image, positive_fraction, min_neg, pool_size
+    )
+    max_pos, max_neg, max_pool = _count_bounds(batch_size_per_image, positive_fraction, min_neg, pool_size)
 
     pos_mask = _draw(torch.rand(positive.shape, generator=generator, device=device), positive, num_pos, max_pos)
     # the pool: the `pool` hardest negatives; then `num_neg` of them at random
     hardness = torch.where(negative, scores.detach().to(torch.float32), -math.inf)
-    k_pool = min(max(pool_for_neg), hardness.shape[-1])
+    k_pool = min(max_pool, hardness.shape[-1])
     _, pool_idx = hardness.topk(k_pool, dim=-1)
     in_pool = torch.arange(k_pool, device=device) < pool[:, None]
     pool_keys = torch.rand(pool_idx.shape, generator=generator, device=device)
@@ -323,6 +397,7 @@ class SyncFreeRetinaNetLoss:
         min_neg: int = 1,
         pool_size: float = 10,
         min_boxes: int = 1,
+        batched_matching: bool = False,
         propagate_nonfinite: bool = True,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -337,6 +412,7 @@ class SyncFreeRetinaNetLoss:
         self.min_neg = min_neg
         self.pool_size = pool_size
         self.min_boxes = min_boxes  # pad every batch to at least this many boxes (a fixed shape for graph capture)
+        self.batched_matching = batched_matching  # see atss_match's num_boxes
         self.propagate_nonfinite = propagate_nonfinite
         self.generator = generator
 
@@ -385,7 +461,7 @@ class SyncFreeRetinaNetLoss:
         device = cls_logits.device
         anchors_t = anchors if isinstance(anchors, Tensor) else torch.stack(list(anchors))
         anchors_t = anchors_t.to(device)
-        gt, gt_labels, valid = pad_targets(boxes, labels, device, self.min_boxes)
+        gt, gt_labels, valid = pad_targets(boxes, labels, device, self.min_boxes, anchors_t.shape[-1])
         matched = atss_match(
             gt,
             valid,
@@ -394,6 +470,7 @@ class SyncFreeRetinaNetLoss:
             self.num_anchors_per_loc,
             self.num_candidates,
             self.center_in_gt,
+            num_boxes=None if self.batched_matching else [int(b.shape[0]) for b in boxes],
         )
         foreground = matched >= 0
         box_of_anchor = matched.clamp(min=0)

@@ -30,6 +30,22 @@ SYNC_OPS = frozenset(
 _MASK_INDEX_OPS = frozenset({"index", "index_put", "index_put_", "_index_put_impl_"})
 
 
+def _blocking_transfer(name: str, args: tuple, kwargs: dict[str, Any]) -> str | None:
+    """``"copy(src->dst)"`` for a blocking copy between the CPU and another device, else None."""
+    if name == "_to_copy" and args and isinstance(args[0], torch.Tensor):
+        src, dst = args[0].device, kwargs.get("device") or args[0].device
+        non_blocking = bool(kwargs.get("non_blocking", False))
+    elif name == "copy_" and len(args) > 1 and isinstance(args[1], torch.Tensor):
+        src, dst = args[1].device, args[0].device
+        non_blocking = bool(args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
+    else:
+        return None
+    src, dst = torch.device(src), torch.device(dst)
+    if src.type == dst.type or "cpu" not in (src.type, dst.type) or non_blocking:
+        return None
+    return f"copy({src.type}->{dst.type})"
+
+
 def _has_mask_index(args: tuple) -> bool:
     indices = args[1] if len(args) > 1 else ()
     return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or ())
@@ -37,10 +53,11 @@ def _has_mask_index(args: tuple) -> bool:
 
 class SyncCounter(TorchDispatchMode):
     """
-    A dispatch mode that counts, per aten op name, the host-synchronising ops run inside it: `SYNC_OPS` and
-    ``index``/``index_put`` with a boolean or uint8 index (the sync is on a GPU; on a CPU the same ops are counted,
-    so a CPU test can show that a code path has none). ``total`` is the sum, ``counts`` the breakdown, and
-    ``devices`` the device types the counted ops ran on.
+    A dispatch mode that counts, per aten op name, the host-synchronising ops run inside it: `SYNC_OPS`,
+    ``index``/``index_put`` with a boolean or uint8 index, and blocking copies between the CPU and a device (counted
+    as ``copy(cpu->cuda)`` or ``copy(cuda->cpu)``; none on a CPU-only run). The sync is on a GPU; on a CPU the same
+    value-dependent ops are counted, so a CPU test can show that a code path has none. ``total`` is the sum,
+    ``counts`` the breakdown, and ``devices`` the device types the counted ops ran on.
 
     Example::
 
@@ -61,9 +78,11 @@ class SyncCounter(TorchDispatchMode):
     def __torch_dispatch__(
         self, func: Callable, types: tuple, args: tuple = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
+        kwargs = kwargs or {}
         name = func.__name__.split(".")[0]  # "index_put_.default" -> "index_put_"
-        if name in SYNC_OPS or (name in _MASK_INDEX_OPS and _has_mask_index(args)):
-            self.counts[name] += 1
+        transfer = _blocking_transfer(name, args, kwargs)
+        if transfer is not None or name in SYNC_OPS or (name in _MASK_INDEX_OPS and _has_mask_index(args)):
+            self.counts[transfer or name] += 1
             first = next((a for a in args if isinstance(a, torch.Tensor)), None)
             self.devices[first.device.type if first is not None else "none"] += 1
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
