@@ -356,6 +356,20 @@ def test_the_guarded_trainer_runs_the_sync_free_detector(tmp_path):
     assert guard.counters["rollbacks"] == 1 and finite_weights(trainer.network)
 
 
+def test_image_padding_equals_monai_without_syncs():
+    from monai.apps.detection.utils.detector_utils import pad_images
+    from monai.data import MetaTensor
+
+    from scripts.detector import _pad_image_list
+
+    images = [torch.rand(1, 60, 64, 30), MetaTensor(torch.rand(1, 64, 50, 32)), torch.rand(1, 33, 17, 9)]
+    ref, _ = pad_images(images, 3, (16, 16, 8))
+    with SyncCounter() as count:
+        mine = _pad_image_list(images, 3, (16, 16, 8))
+    assert count.total == 0 and type(mine) is torch.Tensor
+    assert mine.shape == ref.shape == (3, 1, 64, 64, 32) and torch.equal(mine, torch.as_tensor(ref))
+
+
 def test_sync_counter_counts_the_sync_ops():
     x = torch.arange(-5.0, 5.0)
     with SyncCounter() as count:

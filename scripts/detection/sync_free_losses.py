@@ -12,9 +12,18 @@ What is equal to MONAI (see tests/test_sync_free_losses.py):
 
 - the matched box index of every anchor (`atss_match`), bit for bit, for ``box_iou`` as the similarity;
 - the box regression targets at the matched anchors (`encode_boxes`);
-- the numbers of sampled positives and negatives and the rule that draws them (`sample_anchors`); the random draws
-  themselves differ from MONAI's ``randperm``;
+- the numbers of sampled positives and negatives and the rule that draws them (`sample_counts`, `sample_anchors`);
 - the two losses for the same sampled anchors (masked sums with MONAI's normalisation), up to float rounding.
+
+Where it differs:
+
+- the random draws are not MONAI's ``randperm`` stream; and among negatives of equal score at the edge of the hard
+  pool, which ones enter it may differ (both follow the rule);
+- a non-finite logit or box regression gives NaN losses, where MONAI's heads raise ``ValueError``;
+- a batch without a matched anchor has a box loss of 0 on the device (in the graph, zero gradients), where MONAI
+  returns a CPU ``tensor(0.0)``; a batch without a sampled anchor (not possible with ``min_neg >= 1`` and background
+  anchors) would have a classification loss of 0, where MONAI's mean of nothing is NaN;
+- MONAI's warning when no anchor matches a box, and its debug prints, are gone (both read device values).
 
 The box validity checks that MONAI runs on the targets inside the step (``is_valid_box_values`` in ``box_area`` and
 ``encode_boxes``, NaN checks of the IoU and of the targets) are not repeated: the bundle's data check guarantees
