@@ -6,14 +6,24 @@ MONAI's `RetinaNetDetector` computes the anchor matching inside `compute_loss` a
 subclass returns, beside the two losses, the sums and counts of the scores at positive and at negative anchors (a
 device tensor: reading it is left to the trainer's one host read). A detector that learns separates the two; a
 stalled one scores both alike. The network, its state-dict keys and inference are MONAI's.
+
+With ``sync_free=True`` the training forward makes no host sync (on a GPU): the heads skip their NaN check, the
+anchor matching, sampling and losses are `scripts.detection.sync_free_losses` (same matches, sample counts and
+losses as MONAI's, see there), and a non-finite head output makes both losses NaN instead of raising ``ValueError``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector as MonaiRetinaNetDetector
+from monai.apps.detection.utils.detector_utils import check_training_targets, pad_images
+from monai.apps.detection.utils.predict_utils import ensure_dict_value_to_list_
+
+from scripts.detection.sync_free_heads import make_heads_sync_free
+from scripts.detection.sync_free_losses import SyncFreeRetinaNetLoss
 
 __all__ = ["ANCHOR_SCORES", "ANCHOR_SCORE_NAMES", "RetinaNetDetector", "anchor_scores"]
 
@@ -51,12 +61,79 @@ def anchor_scores(
     return totals
 
 
+def _pad_image_list(images: list[torch.Tensor], spatial_dims: int, size_divisible: Sequence[int]) -> torch.Tensor:
+    """MONAI's ``pad_images`` of a list (zeros at the end up to a divisible size) from Python ints only."""
+    sizes = [tuple(int(s) for s in img.shape[-spatial_dims:]) for img in images]
+    # MONAI goes through a CPU tensor of the sizes and int(tensor) reads: the same numbers without them
+    target = [-(-max(dim) // k) * k if k > 0 else max(dim) for dim, k in zip(zip(*sizes), size_divisible)]
+    first = images[0]
+    padded = torch.zeros((len(images), first.shape[0], *target), dtype=first.dtype, device=first.device)
+    for i, (img, size) in enumerate(zip(images, sizes, strict=True)):
+        plain = img.as_tensor() if hasattr(img, "as_tensor") else img  # a MetaTensor's data, without its metadata
+        padded[(i, slice(None), *(slice(0, s) for s in size))] = plain
+    return padded
+
+
 class RetinaNetDetector(MonaiRetinaNetDetector):
     """
-    `monai.apps.detection.networks.retinanet_detector.RetinaNetDetector` (same arguments) whose training
-    losses dict also holds `ANCHOR_SCORES`: the sums and counts of the classifier's scores at positive and
-    negative anchors.
+    `monai.apps.detection.networks.retinanet_detector.RetinaNetDetector` (same arguments, and ``sync_free``)
+    whose training losses dict also holds `ANCHOR_SCORES`: the sums and counts of the classifier's scores at
+    positive and negative anchors. ``sync_free=True`` (or `set_sync_free`) runs training without host syncs.
     """
+
+    def __init__(self, *args: Any, sync_free: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sync_free = False
+        self.set_sync_free(sync_free)
+
+    def set_sync_free(self, enabled: bool = True) -> None:
+        """Use (or stop using) the sync-free heads, matching, sampling and losses in training."""
+        make_heads_sync_free(self.network, enabled)
+        self.sync_free = enabled
+
+    def forward(
+        self,
+        input_images: list[torch.Tensor] | torch.Tensor,
+        targets: list[dict[str, torch.Tensor]] | None = None,
+        use_inferer: bool = False,
+    ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+        """MONAI's forward; in training with ``sync_free`` the same steps without reading any tensor value."""
+        if not (self.training and self.sync_free):
+            return super().forward(input_images, targets, use_inferer)
+        # shape, key and dtype checks only: these read no tensor value
+        targets = check_training_targets(
+            input_images, targets, self.spatial_dims, self.target_label_key, self.target_box_key
+        )
+        self._check_detector_training_components()
+        if isinstance(input_images, torch.Tensor):
+            images, _ = pad_images(input_images, self.spatial_dims, self.size_divisible)  # shapes only
+        else:
+            images = _pad_image_list(list(input_images), self.spatial_dims, self.size_divisible)
+        head_outputs = self.network(images)
+        if isinstance(head_outputs, (tuple, list)):
+            half = len(head_outputs) // 2
+            head_outputs = {self.cls_key: list(head_outputs[:half]), self.box_reg_key: list(head_outputs[half:])}
+        else:
+            ensure_dict_value_to_list_(head_outputs)
+        self.generate_anchors(images, head_outputs)
+        num_anchor_locs_per_level = [x.shape[2:].numel() for x in head_outputs[self.cls_key]]
+        for key in (self.cls_key, self.box_reg_key):
+            head_outputs[key] = self._reshape_maps(head_outputs[key])
+        return self.compute_loss(head_outputs, targets, self.anchors, num_anchor_locs_per_level)
+
+    def _reshape_maps(self, result_maps: list[torch.Tensor]) -> torch.Tensor:
+        """MONAI's reshape to (B, sum(HWDA), channels); in sync-free training without its NaN check."""
+        if not (self.training and self.sync_free):
+            return super()._reshape_maps(result_maps)
+        reshaped = []
+        for result_map in result_maps:
+            batch, channels = result_map.shape[0], result_map.shape[1] // self.num_anchors_per_loc
+            spatial = tuple(result_map.shape[-self.spatial_dims :])
+            # (B, A, C, *spatial) -> (B, *spatial, A, C) -> (B, spatial*A, C)
+            per_anchor = result_map.view(batch, -1, channels, *spatial)
+            order = (0, *range(3, 3 + self.spatial_dims), 1, 2)
+            reshaped.append(per_anchor.permute(order).reshape(batch, -1, channels))
+        return torch.cat(reshaped, dim=1)
 
     def compute_loss(
         self,
@@ -66,6 +143,8 @@ class RetinaNetDetector(MonaiRetinaNetDetector):
         num_anchor_locs_per_level: Sequence[int],
     ) -> dict[str, torch.Tensor]:
         """MONAI's losses (``cls_key``, ``box_reg_key``) and `ANCHOR_SCORES` from the same anchor matching."""
+        if self.sync_free:
+            return self.compute_sync_free_loss(head_outputs_reshape, targets, anchors, num_anchor_locs_per_level)
         matched_idxs = self.compute_anchor_matched_idxs(anchors, targets, num_anchor_locs_per_level)
         cls_logits = head_outputs_reshape[self.cls_key]
         box_regression = head_outputs_reshape[self.box_reg_key]
@@ -74,4 +153,25 @@ class RetinaNetDetector(MonaiRetinaNetDetector):
             self.cls_key: self.compute_cls_loss(cls_logits, targets, matched_idxs),
             self.box_reg_key: self.compute_box_loss(box_regression, targets, anchors, matched_idxs),
             ANCHOR_SCORES: anchor_scores(cls_logits, matched_idxs, labels),
+        }
+
+    def compute_sync_free_loss(
+        self,
+        head_outputs_reshape: dict[str, torch.Tensor],
+        targets: list[dict[str, torch.Tensor]],
+        anchors: list[torch.Tensor],
+        num_anchor_locs_per_level: Sequence[int],
+    ) -> dict[str, torch.Tensor]:
+        """`compute_loss` through `SyncFreeRetinaNetLoss` (built from this detector's current settings)."""
+        cls_logits = head_outputs_reshape[self.cls_key]
+        box_regression = head_outputs_reshape[self.box_reg_key]
+        boxes = [t[self.target_box_key] for t in targets]
+        labels = [t[self.target_label_key] for t in targets]
+        result = SyncFreeRetinaNetLoss.from_detector(self)(
+            cls_logits, box_regression, boxes, labels, anchors, num_anchor_locs_per_level
+        )
+        return {
+            self.cls_key: result.cls_loss,
+            self.box_reg_key: result.box_loss,
+            ANCHOR_SCORES: anchor_scores(cls_logits, list(result.matched_idxs), labels),
         }
