@@ -14,6 +14,7 @@ from monai.apps.detection.utils.ATSS_matcher import ATSSMatcher
 from monai.apps.detection.utils.box_coder import BoxCoder
 from monai.apps.detection.utils.hard_negative_sampler import HardNegativeSampler
 
+from scripts.detection.detector import ANCHOR_SCORES
 from scripts.detection.sync_free_heads import SyncFreeClassificationHead, SyncFreeRegressionHead
 from scripts.detection.sync_free_losses import (
     SyncFreeRetinaNetLoss,
@@ -23,7 +24,6 @@ from scripts.detection.sync_free_losses import (
     sample_anchors,
     sample_counts,
 )
-from scripts.detector import ANCHOR_SCORES
 from scripts.tools.sync_count import SyncCounter
 
 CPU = torch.device("cpu")
@@ -360,7 +360,7 @@ def test_image_padding_equals_monai_without_syncs():
     from monai.apps.detection.utils.detector_utils import pad_images
     from monai.data import MetaTensor
 
-    from scripts.detector import _pad_image_list
+    from scripts.detection.detector import _pad_image_list
 
     images = [torch.rand(1, 60, 64, 30), MetaTensor(torch.rand(1, 64, 50, 32)), torch.rand(1, 33, 17, 9)]
     ref, _ = pad_images(images, 3, (16, 16, 8))
