@@ -25,11 +25,14 @@ from monai.apps.detection.utils.predict_utils import ensure_dict_value_to_list_
 from scripts.detection.sync_free_heads import make_heads_sync_free
 from scripts.detection.sync_free_losses import SyncFreeRetinaNetLoss
 
-__all__ = ["ANCHOR_SCORES", "ANCHOR_SCORE_NAMES", "RetinaNetDetector", "anchor_scores"]
+__all__ = ["ANCHOR_SCORES", "ANCHOR_SCORE_NAMES", "HEADS_FINITE", "RetinaNetDetector", "anchor_scores"]
 
 # the key of the training losses dict under which the detector returns the anchor scores (see `anchor_scores`)
 ANCHOR_SCORES = "anchor_scores"
 ANCHOR_SCORE_NAMES = ("positive_sum", "positive_count", "negative_sum", "negative_count")
+# the key of the sync-free training losses under which the detector returns whether every head output was finite
+# (a device bool: MONAI's heads raise instead, which reads the device per pyramid level)
+HEADS_FINITE = "heads_finite"
 
 
 def anchor_scores(
@@ -174,4 +177,5 @@ class RetinaNetDetector(MonaiRetinaNetDetector):
             self.cls_key: result.cls_loss,
             self.box_reg_key: result.box_loss,
             ANCHOR_SCORES: anchor_scores(cls_logits, list(result.matched_idxs), labels),
+            HEADS_FINITE: result.finite,
         }

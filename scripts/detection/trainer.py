@@ -23,7 +23,7 @@ from monai.inferers import Inferer, SimpleInferer
 from torch.utils.data import DataLoader
 
 from scripts.data.quarantine import image_path
-from scripts.detection.detector import ANCHOR_SCORE_NAMES, ANCHOR_SCORES
+from scripts.detection.detector import ANCHOR_SCORE_NAMES, ANCHOR_SCORES, HEADS_FINITE
 from scripts.detection.step_report import EVENT_KINDS, StepReport, read_to_host
 from scripts.distributed import is_distributed
 
@@ -214,7 +214,7 @@ class StabilisedDetectionTrainer(Trainer):
         self.optimizer.zero_grad(set_to_none=True)
         saved_buffers = [b.clone() for b in self.buffers] if self.skip_nonfinite else []
         device = self.state.device
-        nan = torch.tensor(math.nan, device=device)
+        nan = torch.full((), math.nan, device=device)  # a fill, not a copy from the host (a sync on a GPU)
 
         losses = self._forward_loss(images, targets)
         if losses is None:
@@ -236,7 +236,7 @@ class StabilisedDetectionTrainer(Trainer):
         finite_images = torch.stack([torch.isfinite(x).all() for x in images])
         shared = {  # summed over the DDP ranks (flags: any rank)
             "bad_input": (~finite_images.all()).float(),
-            "logits_failed": torch.tensor(float(losses is None), device=device),
+            "logits_failed": self._heads_failed(losses, device),
             "bad_loss": (~loss.isfinite() | (loss.detach() > self.loss_limit)).float(),
             "loss": loss.detach().float(),
             "loss_cls": loss_cls.detach().float(),
@@ -262,9 +262,11 @@ class StabilisedDetectionTrainer(Trainer):
             "loss": value["bad_loss"],
             "grad": not math.isfinite(value["grad_norm"]),
         }
+        if flags["logits"] and not self.skip_nonfinite:
+            raise ValueError("cls_logits is NaN or Inf.")  # what MONAI's heads raise, read with the rest here
         event = next((kind for kind in EVENT_KINDS if flags[kind]), None) if self.skip_nonfinite else None
         if event is None:
-            self._step()
+            self._step(grads_finite=not flags["grad"])
         else:
             self._refuse_step(event, unscaled=losses is not None)
             with torch.no_grad():
@@ -291,11 +293,18 @@ class StabilisedDetectionTrainer(Trainer):
             bad_files=tuple(bad_files),
         )
 
+    @staticmethod
+    def _heads_failed(losses: dict[str, torch.Tensor] | None, device: torch.device) -> torch.Tensor:
+        """1.0 where a head output was not finite: the heads raised (MONAI's path), or the sync-free detector said."""
+        if losses is not None and HEADS_FINITE in losses:
+            return (~losses[HEADS_FINITE]).float()
+        return torch.full((), float(losses is None), device=device)
+
     def _unscale_and_clip(self, unscaled: bool) -> torch.Tensor:
         """The global gradient norm before clipping (NaN when no gradient exists); clips when asked to."""
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
-            return torch.tensor(math.nan, device=self.state.device)
+            return torch.full((), math.nan, device=self.state.device)
         if self.scaler and unscaled:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.get_total_norm(grads)
@@ -308,9 +317,12 @@ class StabilisedDetectionTrainer(Trainer):
         scale = getattr(self.scaler, "_scale", None) if self.scaler is not None else None
         return scale.float() if scale is not None else torch.ones(1, device=self.state.device)
 
-    def _step(self) -> None:
+    def _step(self, grads_finite: bool) -> None:
         if self.scaler:
-            self.scaler.step(self.optimizer)
+            # whether the unscaled gradients are finite is all `GradScaler.step` checks, with a host read of its own:
+            # the fused read has told already (the scaler's update still backs its scale off on an overflow)
+            if grads_finite:
+                self.optimizer.step()
             self.scaler.update()
         else:
             self.optimizer.step()

@@ -1,4 +1,5 @@
-"""The last good training state in host memory, and how far the weights have moved from it.
+"""The last good training state, kept on the network's device or in host memory, and how far the weights have moved
+from it.
 
 Ignite's `Checkpoint` writes to disk and GradScaler only skips fp16 overflow steps; rolling back within a run
 needs an exact in-memory copy of everything a step changes, hence this small class.
@@ -11,17 +12,20 @@ from typing import Any
 
 import torch
 
-__all__ = ["Snapshot", "to_host", "weights_finite"]
+__all__ = ["Snapshot", "copy_state", "weights_finite"]
 
 
-def to_host(obj: Any) -> Any:
-    """A deep copy of a (nested) state dict with every tensor cloned to host memory."""
+def copy_state(obj: Any, device: str | torch.device | None = None) -> Any:
+    """
+    A deep copy of a (nested) state dict with every tensor cloned, on ``device`` (``None``: where it is; a clone on a
+    GPU is queued like any kernel, where a copy to pageable host memory waits for the device).
+    """
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return obj.detach().clone() if device is None else obj.detach().to(device, copy=True)
     if isinstance(obj, dict):
-        return {k: to_host(v) for k, v in obj.items()}
+        return {k: copy_state(v, device) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_host(v) for v in obj)
+        return type(obj)(copy_state(v, device) for v in obj)
     return copy.deepcopy(obj)
 
 
@@ -33,14 +37,16 @@ def weights_finite(network: torch.nn.Module) -> bool:
 
 class Snapshot:
     """
-    An exact host-memory copy of the network, optimiser, GradScaler and LR scheduler, taken with `take` and
-    loaded back with `restore`.
+    An exact copy of the network, optimiser, GradScaler and LR scheduler, taken with `take` and loaded back with
+    `restore`.
 
     Args:
         network: the trained network.
         optimizer: its optimiser.
         scaler: the GradScaler of fp16 training, if any.
         lr_scheduler: the LR scheduler, if any.
+        device: where the copy is kept: ``None`` on the tensors' own device (on a GPU: device memory, no host copy
+            in the training loop), ``"cpu"`` in host memory (when device memory is short).
     """
 
     def __init__(
@@ -49,8 +55,10 @@ class Snapshot:
         optimizer: torch.optim.Optimizer,
         scaler: torch.amp.GradScaler | None = None,
         lr_scheduler: Any = None,
+        device: str | torch.device | None = None,
     ) -> None:
         self.network = network
+        self.device = device
         self.optimizer = optimizer
         self.scaler = scaler
         self.lr_scheduler = lr_scheduler
@@ -58,17 +66,18 @@ class Snapshot:
         self.iteration = 0  # the number of iterations completed when it was taken
 
     def network_state(self) -> dict[str, torch.Tensor]:
-        """A host copy of the network's current state dict (to measure it, then perhaps keep it with `take`)."""
-        return to_host(self.network.state_dict())
+        """A copy of the network's current state dict (to measure it, then perhaps keep it with `take`)."""
+        return copy_state(self.network.state_dict(), self.device)
 
     def take(self, iteration: int, network_state: dict[str, torch.Tensor] | None = None) -> None:
-        """Copy everything to host memory (``network_state``: a host copy of the network made just before)."""
-        self.state = to_host(
+        """Copy everything (``network_state``: a `network_state` made just before)."""
+        self.state = copy_state(
             {
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
-            }
+            },
+            self.device,
         )
         self.state["network"] = network_state if network_state is not None else self.network_state()
         self.iteration = iteration
@@ -84,6 +93,12 @@ class Snapshot:
         if self.lr_scheduler is not None and self.state["lr_scheduler"] is not None:
             self.lr_scheduler.load_state_dict(copy.deepcopy(self.state["lr_scheduler"]))
 
+    def host_state(self) -> dict[str, Any]:
+        """The snapshot in host memory, to be saved."""
+        if self.state is None:
+            raise RuntimeError("no snapshot has been taken")
+        return copy_state(self.state, "cpu")
+
     def update_ratio(self, network_state: dict[str, torch.Tensor], steps: int) -> float:
         """``||w - w_snapshot|| / ||w_snapshot||`` over the trained parameters, per step since it was taken."""
         if self.state is None:
@@ -92,4 +107,4 @@ class Snapshot:
         names = [n for n, p in self.network.named_parameters() if p.requires_grad]
         moved = torch.nn.utils.get_total_norm([network_state[n].float() - old[n].float() for n in names])
         norm = torch.nn.utils.get_total_norm([old[n].float() for n in names])
-        return float(moved / norm.clamp_min(1e-12)) / max(steps, 1)
+        return float(moved / norm.clamp_min(1e-12)) / max(steps, 1)  # a host read once a window, after the step's

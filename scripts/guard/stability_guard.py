@@ -84,6 +84,8 @@ class StabilityGuard:
         max_rollbacks: rollbacks allowed before the run is stopped.
         max_refused_in_a_row: refused steps in a row, with no step applied since the last good state, that stop the run.
         snapshot_every: steps per window (snapshot refresh, update ratio, learning signal).
+        snapshot_device: where the snapshots are kept: ``None`` on the network's device (device memory on a GPU, no
+            host copy in the loop), ``"cpu"`` in host memory (when device memory is short).
         quarantine_after: events a file must take part in before it is quarantined (0: never).
         max_loss_growth: the loss-spike factor, for single steps and for window means.
         max_update_ratio: the update ratio per step above which the run rolls back (0: no check).
@@ -117,6 +119,7 @@ class StabilityGuard:
         max_rollbacks: int = 8,
         max_refused_in_a_row: int = 100,
         snapshot_every: int = 10,
+        snapshot_device: str | None = None,
         quarantine_after: int = 2,
         max_loss_growth: float = 10.0,
         max_update_ratio: float = 0.02,
@@ -141,7 +144,7 @@ class StabilityGuard:
         self.amp_overflow_patience = amp_overflow_patience
         self.min_val_metric, self.judge_after_epochs = min_val_metric, judge_after_epochs
         self.validator, self.output_transform = validator, output_transform
-        self.snapshot = Snapshot(network, optimizer, scaler, lr_scheduler)
+        self.snapshot = Snapshot(network, optimizer, scaler, lr_scheduler, snapshot_device)
         self.lr = LRControl(lr_scheduler)
         self.lr_policy = LRPolicy(
             self.lr, lr_search, search_iters, search_margin, lr_backoff, growth_interval, max_update_ratio
@@ -315,7 +318,8 @@ class StabilityGuard:
         return decision
 
     def _copy_of_now(self, engine: Engine) -> Snapshot:
-        current = Snapshot(self.network, self.optimizer, self.snapshot.scaler, self.snapshot.lr_scheduler)
+        snapshot = self.snapshot
+        current = Snapshot(self.network, self.optimizer, snapshot.scaler, snapshot.lr_scheduler, snapshot.device)
         current.take(engine.state.iteration)
         return current
 
@@ -362,7 +366,7 @@ class StabilityGuard:
         self.snapshot.restore()
         self.lr.reapply()
         self.status = "stopped"
-        saved = self.log.save_checkpoint(self.snapshot.state)
+        saved = self.log.save_checkpoint(self.snapshot.host_state())
         self.message = (
             f"Training stopped by the stability guard at epoch {engine.state.epoch} iteration "
             f"{engine.state.iteration}: {why} after {self.counters['rollbacks']} rollbacks (LR x{self.lr.scale:.3g})."
@@ -398,7 +402,7 @@ class StabilityGuard:
         """Record the crash in the report and save the last good state (the trainer re-raises the exception)."""
         self.status = f"crashed: {type(e).__name__}: {e}"
         if self.snapshot.state is not None:
-            self.log.save_checkpoint(self.snapshot.state)
+            self.log.save_checkpoint(self.snapshot.host_state())
         self.write_report()
 
     def raise_if_failed(self) -> None:

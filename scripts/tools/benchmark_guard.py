@@ -46,12 +46,17 @@ def make_batches(n: int, patch: list[int], batch_size: int, seed: int = 0) -> li
 
 
 def build(
-    parser: ConfigParser, guarded: bool, state: dict | None
+    parser: ConfigParser, guarded: bool, state: dict | None, sync_free: bool | None = None
 ) -> tuple[StabilisedDetectionTrainer, StabilityGuard | None]:
-    """A trainer over a fresh copy of the configured detector (same initial weights for both arms)."""
+    """
+    A trainer over a fresh copy of the configured detector (same initial weights for both arms); ``sync_free``
+    overrides the config's ``detector#sync_free`` (``False``: MONAI's training path, the model zoo's).
+    """
     parser.parse(reset=True)
     detector = parser.get_parsed_content("detector")
     parser.get_parsed_content("detector_ops")  # matcher, sampler, box selector, inferer
+    if sync_free is not None:
+        detector.set_sync_free(sync_free)
     if state is not None:
         detector.network.load_state_dict(state)
     optimizer = torch.optim.SGD(detector.network.parameters(), lr=parser["learning_rate"], momentum=0.9, nesterov=True)
