@@ -91,6 +91,8 @@ class StabilisedDetectionTrainer(Trainer):
         skip_nonfinite: refuse non-finite steps and report them (``False``: behave like the model-zoo trainer,
             where the heads' ValueError ends the run and every step is applied).
         amp: mixed precision: fp16 autocast on CUDA (with ``scaler``), bf16 autocast on CPU.
+        amp_dtype: the autocast type instead (``"float16"`` or ``"bfloat16"``; bf16 on CUDA needs no GradScaler and
+            cannot overflow the way fp16 does); ``None``: as ``amp`` says.
         scaler: the GradScaler of fp16 training (``None``: none; give one when ``amp`` is on and the device is CUDA).
         train_handlers: ignite handlers with ``attach(engine)``.
         non_blocking: non-blocking host-to-device copies.
@@ -113,6 +115,7 @@ class StabilisedDetectionTrainer(Trainer):
         grad_clip_norm: float | None = 10.0,
         skip_nonfinite: bool = True,
         amp: bool = False,
+        amp_dtype: str | None = None,
         scaler: torch.amp.GradScaler | None = None,
         train_handlers: Sequence | None = None,
         non_blocking: bool = False,
@@ -151,7 +154,8 @@ class StabilisedDetectionTrainer(Trainer):
         self.skip_nonfinite = skip_nonfinite
         self.params = [p for p in self.network.parameters() if p.requires_grad]
         self.buffers = list(self.network.buffers())
-        self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        default_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        self.amp_dtype = getattr(torch, amp_dtype) if amp_dtype else default_dtype
         # MONAI's Trainer.run makes a new scaler per run, which would lose its state on resume: it is given instead
         self.scaler = scaler if amp else None
         self.loss_limit = math.inf

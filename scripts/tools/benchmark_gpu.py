@@ -97,6 +97,7 @@ def main() -> None:
     args.add_argument("--warmup", type=int, default=5)
     args.add_argument("--profile_rounds", type=int, default=10)
     args.add_argument("--amp", choices=["config", "on", "off"], default="config")
+    args.add_argument("--amp_dtype", choices=["float16", "bfloat16"], help="autocast type (default: the config's)")
     args.add_argument("--val_shape", type=int, nargs=3, default=[512, 512, 256])
     opts = args.parse_args()
     files = ast.literal_eval(opts.config_file) if opts.config_file.startswith("[") else opts.config_file
@@ -104,6 +105,8 @@ def main() -> None:
     parser.read_config(files)
     if opts.amp != "config":
         parser["amp"] = opts.amp == "on"
+    if opts.amp_dtype:
+        parser["amp_dtype"] = opts.amp_dtype
     patch, batch_size = opts.patch or parser["patch_size"], opts.batch or parser["batch_size"]
     parser["patch_size"] = patch
     torch.manual_seed(0)
@@ -135,7 +138,8 @@ def main() -> None:
         syncs[arm] = counter
     cuda = guarded.state.device.type == "cuda"
     device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{device}; torch {torch.__version__}; amp {guarded.amp}; patch {patch}, batch {batch_size}; {files}")
+    precision = f"amp {guarded.amp} ({guarded.amp_dtype})" if guarded.amp else "fp32"
+    print(f"{device}; torch {torch.__version__}; {precision}; patch {patch}, batch {batch_size}; {files}")
     print(f"rounds {opts.rounds} (+{opts.warmup} warm-up), arms in rotating order")
     kernels = {arm: profile(runs[arm], batches[: opts.profile_rounds]) for arm in ARMS} if cuda else {}
     print("| arm | median ms | mean ms | sync-type ops / it | kernel ms / it | busy | kernels / it |")

@@ -61,8 +61,9 @@ def build(
         detector.network.load_state_dict(state)
     optimizer = torch.optim.SGD(detector.network.parameters(), lr=parser["learning_rate"], momentum=0.9, nesterov=True)
     device = parser.get_parsed_content("device")
-    amp = parser.get_parsed_content("amp")
-    scaler = torch.amp.GradScaler("cuda") if amp and torch.device(device).type == "cuda" else None
+    amp, amp_dtype = parser.get_parsed_content("amp"), parser.get("amp_dtype")
+    fp16 = amp and torch.device(device).type == "cuda" and amp_dtype in (None, "float16")
+    scaler = torch.amp.GradScaler("cuda") if fp16 else None
     trainer = StabilisedDetectionTrainer(
         device,
         1,
@@ -72,6 +73,7 @@ def build(
         grad_clip_norm=parser.get_parsed_content("grad_clip_norm") if guarded else None,
         skip_nonfinite=guarded,
         amp=amp,
+        amp_dtype=amp_dtype,
         scaler=scaler,
     )
     guard = None
