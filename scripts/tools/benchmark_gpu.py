@@ -25,16 +25,14 @@ and prints the CPU figures.
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
-from monai.bundle import ConfigParser
 
-from scripts.tools.benchmark_guard import build, make_batches, step
+from scripts.tools.benchmark_guard import build, make_batches, read_configs, step
 from scripts.tools.sync_count import SyncCounter
 
 ARMS = ("zoo", "bare", "guarded", "network")
@@ -100,11 +98,7 @@ def main() -> None:
     args.add_argument("--amp_dtype", choices=["float16", "bfloat16"], help="autocast type (default: the config's)")
     args.add_argument("--val_shape", type=int, nargs=3, default=[512, 512, 256])
     opts = args.parse_args()
-    files = ast.literal_eval(opts.config_file) if opts.config_file.startswith("[") else opts.config_file
-    parser = ConfigParser()
-    parser.read_config(files)
-    if opts.amp != "config":
-        parser["amp"] = opts.amp == "on"
+    parser = read_configs(opts.config_file, opts.amp)
     if opts.amp_dtype:
         parser["amp_dtype"] = opts.amp_dtype
     patch, batch_size = opts.patch or parser["patch_size"], opts.batch or parser["batch_size"]
@@ -139,7 +133,7 @@ def main() -> None:
     cuda = guarded.state.device.type == "cuda"
     device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     precision = f"amp {guarded.amp} ({guarded.amp_dtype})" if guarded.amp else "fp32"
-    print(f"{device}; torch {torch.__version__}; {precision}; patch {patch}, batch {batch_size}; {files}")
+    print(f"{device}; torch {torch.__version__}; {precision}; patch {patch}, batch {batch_size}; {opts.config_file}")
     print(f"rounds {opts.rounds} (+{opts.warmup} warm-up), arms in rotating order")
     kernels = {arm: profile(runs[arm], batches[: opts.profile_rounds]) for arm in ARMS} if cuda else {}
     print("| arm | median ms | mean ms | sync-type ops / it | kernel ms / it | busy | kernels / it |")

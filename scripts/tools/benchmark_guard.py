@@ -23,6 +23,16 @@ from scripts.detection.trainer import StabilisedDetectionTrainer
 from scripts.guard.stability_guard import StabilityGuard
 
 
+def read_configs(config_file: str, amp: str = "config") -> ConfigParser:
+    """The configs of ``--config_file`` (a path, or a Python list of paths), ``--amp`` on, off or as configured."""
+    files = ast.literal_eval(config_file) if config_file.startswith("[") else config_file
+    parser = ConfigParser()
+    parser.read_config(files)
+    if amp != "config":
+        parser["amp"] = amp == "on"
+    return parser
+
+
 def make_batches(n: int, patch: list[int], batch_size: int, seed: int = 0) -> list[list[list[dict]]]:
     """``n`` loader batches of ``batch_size`` random crops, each with one box, as the training loader yields them."""
     g = torch.Generator().manual_seed(seed)
@@ -106,11 +116,7 @@ def main() -> None:
     args.add_argument("--warmup", type=int, default=5)
     args.add_argument("--amp", choices=["config", "on", "off"], default="config", help="override the config's amp")
     opts = args.parse_args()
-    files = ast.literal_eval(opts.config_file) if opts.config_file.startswith("[") else opts.config_file
-    parser = ConfigParser()
-    parser.read_config(files)
-    if opts.amp != "config":
-        parser["amp"] = opts.amp == "on"
+    parser = read_configs(opts.config_file, opts.amp)
     torch.manual_seed(0)
     on, guard = build(parser, True, None)
     off, _ = build(parser, False, copy.deepcopy(on.network.state_dict()))
@@ -126,7 +132,7 @@ def main() -> None:
     ratios = [a / b for a, b in zip(times["on"], times["off"])]
     cuda = on.state.device.type == "cuda"
     device = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"
-    print(f"device {device}, amp {on.amp}, rounds {opts.rounds}, configs {files}")
+    print(f"device {device}, amp {on.amp}, rounds {opts.rounds}, configs {opts.config_file}")
     print(f"median iteration, guard on : {med_on * 1000:.1f} ms")
     print(f"median iteration, guard off: {med_off * 1000:.1f} ms")
     print(f"ratio of medians: {med_on / med_off:.4f}; median of per-round ratios: {statistics.median(ratios):.4f}")
