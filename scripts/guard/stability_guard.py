@@ -50,26 +50,17 @@ class StabilityGuard:
       ``max_loss_growth`` times the median of the recent losses) skips the step. Non-finite input blames its files
       (they are quarantined) and nothing else. ``patience`` other events in a row, non-finite weights, or weights
       that moved more than ``max_update_ratio`` of their norm per step, roll back to the last good snapshot.
-    - After a rollback, candidate LRs from the one that failed downwards are tried from the snapshot on the same
-      recent batches (`search_lr`), and the largest whose trial loss is within ``search_margin`` of the best is
-      kept: a fault that does not reproduce keeps the LR, unless it comes back at that LR, when the search starts
-      one step lower. The LR is never grown back above a level that failed, in training or in a search's trials,
-      or that lost a search by more than twice the margin.
-      When the search cannot tell (every LR fails), the LR is multiplied by ``lr_backoff``.
-    - After the first ``search_iters`` steps the same search checks the run's LR against smaller ones from the run's
-      first state: a healthy LR is kept and the run goes on untouched, one that is too high restarts the run from
-      that state (until then rollbacks go there too). Every ``growth_interval`` healthy iterations an LR below the
-      recipe's is checked against one step higher.
+    - The LR the run goes on with is `LRPolicy`'s decision (`scripts.guard.lr_policy`), asked after a rollback,
+      once after the first ``search_iters`` steps (the LR check from the run's first state, until which rollbacks
+      go there too), on a stall and every ``growth_interval`` healthy iterations at a reduced LR; when a decision
+      says restart, this class rolls back to where the trials started.
     - The snapshot is refreshed every ``snapshot_every`` steps while the window had no event, the loss did not grow
       ``max_loss_growth`` times and the detector's score gap did not collapse (`LearningSignal`). A gap collapsed
-      for ``stall_windows`` windows is a stall: LRs are searched from the snapshot, and a smaller LR that works
-      better rolls the run back to it.
+      for ``stall_windows`` windows is a stall.
     - After ``max_rollbacks`` rollbacks, or ``max_refused_in_a_row`` refused steps in a row from the last good
       state, the run stops: the snapshot is restored and saved, the report written, and `raise_if_failed` exits
-      non-zero. A run whose best validation metric stayed at or below ``min_val_metric`` ends the same way, once it
-      had a fair chance to learn: a validation ran ``judge_after_epochs`` epochs or more after the end of the LR
-      warm-up. A shorter run (a smoke test, a run that ends in its warm-up) ends with a warning that it was too short
-      to judge.
+      non-zero. A run whose detector learned nothing ends the same way, once it had a fair chance to learn
+      (`scripts.guard.verdict`); a shorter run ends with a warning that it was too short to judge.
 
     Its counters, ceiling, learning signal, event log and file statistics are in `state_dict`.
 
