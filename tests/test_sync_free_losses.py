@@ -16,14 +16,8 @@ from monai.apps.detection.utils.hard_negative_sampler import HardNegativeSampler
 
 from scripts.detection.detector import ANCHOR_SCORES
 from scripts.detection.sync_free_heads import SyncFreeClassificationHead, SyncFreeRegressionHead
-from scripts.detection.sync_free_losses import (
-    SyncFreeRetinaNetLoss,
-    atss_match,
-    encode_boxes,
-    pad_targets,
-    sample_anchors,
-    sample_counts,
-)
+from scripts.detection.sync_free_losses import SyncFreeRetinaNetLoss, sample_anchors, sample_counts
+from scripts.detection.targets import atss_match, encode_boxes, pad_targets
 from scripts.tools.sync_count import SyncCounter
 
 CPU = torch.device("cpu")
