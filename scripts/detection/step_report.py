@@ -26,7 +26,7 @@ class StepReport:
 
     Attributes:
         loss: the weighted total loss (averaged over DDP ranks; NaN when the heads raised).
-        loss_cls: the classification (focal) loss.
+        loss_cls: the classification loss (MONAI's default, binary cross-entropy with logits, which train.json keeps).
         loss_reg: the box-regression loss.
         grad_norm: the global gradient L2 norm before clipping (unscaled under AMP).
         weight_norm: the L2 norm of the weights the iteration started from.
