@@ -145,37 +145,28 @@ class RetinaNetDetector(MonaiRetinaNetDetector):
         anchors: list[torch.Tensor],
         num_anchor_locs_per_level: Sequence[int],
     ) -> dict[str, torch.Tensor]:
-        """MONAI's losses (``cls_key``, ``box_reg_key``) and `ANCHOR_SCORES` from the same anchor matching."""
-        if self.sync_free:
-            return self.compute_sync_free_loss(head_outputs_reshape, targets, anchors, num_anchor_locs_per_level)
-        matched_idxs = self.compute_anchor_matched_idxs(anchors, targets, num_anchor_locs_per_level)
+        """
+        MONAI's losses (``cls_key``, ``box_reg_key``) and `ANCHOR_SCORES` from the same anchor matching; with
+        ``sync_free`` computed by `SyncFreeRetinaNetLoss` (built from this detector's current settings), with
+        `HEADS_FINITE` besides.
+        """
         cls_logits = head_outputs_reshape[self.cls_key]
         box_regression = head_outputs_reshape[self.box_reg_key]
         labels = [t[self.target_label_key] for t in targets]
+        if self.sync_free:
+            boxes = [t[self.target_box_key] for t in targets]
+            result = SyncFreeRetinaNetLoss.from_detector(self)(
+                cls_logits, box_regression, boxes, labels, anchors, num_anchor_locs_per_level
+            )
+            return {
+                self.cls_key: result.cls_loss,
+                self.box_reg_key: result.box_loss,
+                ANCHOR_SCORES: anchor_scores(cls_logits, list(result.matched_idxs), labels),
+                HEADS_FINITE: result.finite,
+            }
+        matched_idxs = self.compute_anchor_matched_idxs(anchors, targets, num_anchor_locs_per_level)
         return {
             self.cls_key: self.compute_cls_loss(cls_logits, targets, matched_idxs),
             self.box_reg_key: self.compute_box_loss(box_regression, targets, anchors, matched_idxs),
             ANCHOR_SCORES: anchor_scores(cls_logits, matched_idxs, labels),
-        }
-
-    def compute_sync_free_loss(
-        self,
-        head_outputs_reshape: dict[str, torch.Tensor],
-        targets: list[dict[str, torch.Tensor]],
-        anchors: list[torch.Tensor],
-        num_anchor_locs_per_level: Sequence[int],
-    ) -> dict[str, torch.Tensor]:
-        """`compute_loss` through `SyncFreeRetinaNetLoss` (built from this detector's current settings)."""
-        cls_logits = head_outputs_reshape[self.cls_key]
-        box_regression = head_outputs_reshape[self.box_reg_key]
-        boxes = [t[self.target_box_key] for t in targets]
-        labels = [t[self.target_label_key] for t in targets]
-        result = SyncFreeRetinaNetLoss.from_detector(self)(
-            cls_logits, box_regression, boxes, labels, anchors, num_anchor_locs_per_level
-        )
-        return {
-            self.cls_key: result.cls_loss,
-            self.box_reg_key: result.box_loss,
-            ANCHOR_SCORES: anchor_scores(cls_logits, list(result.matched_idxs), labels),
-            HEADS_FINITE: result.finite,
         }
