@@ -167,6 +167,14 @@ def test_learning_rate_overload_is_searched_down(tmp_path):
     assert guard.lr.ceiling * 10.0 <= first["lost_at"] * 10**-0.5 * (1 + 1e-6)
     assert finite_weights(trainer.network)
     assert len(guard.quarantine) == 0  # a blow-up fails every file alike: nobody is blamed
+    # the run says plainly that it trained at another LR than it was given, what and why
+    report = json.loads((tmp_path / "guard_report.json").read_text())["learning_rate"]
+    assert report["asked"] == 10.0 and report["used"] == pytest.approx(10.0 * guard.lr.scale)
+    assert report["changes"][0]["from"] == 10.0 and report["changes"][0]["to"] == pytest.approx(chosen)
+    assert report["changes"][0]["iteration"] == guard.log.searches[0]["iteration"]  # decided when it rolled back
+    assert "rolled back" in report["changes"][0]["why"] and "an LR search chose it" in report["changes"][0]["why"]
+    assert report["summary"].startswith("This run did not train at the learning rate it was given: learning_rate 10")
+    assert f"set learning_rate to {report['used']:.3g}" in report["summary"]
 
 
 def test_a_fault_that_never_lets_a_step_through_stops_the_run(tmp_path):
@@ -289,6 +297,26 @@ def test_healthy_run_is_untouched_by_the_lr_check(tmp_path):
     assert 0 < checked_guard.update_ratio < checked_guard.max_update_ratio
     assert checked_guard.snapshot.iteration == 12  # refreshed at every window
     assert_same_state(state_of(checked), state_of(plain))
+
+
+def test_the_lr_check_judges_the_peak_where_the_warm_up_leads(tmp_path, caplog):
+    # a 12-iteration warm-up (4 iterations an epoch): the check waits for the schedule's peak instead of judging it
+    # from the first state after 8 steps; the healthy recipe keeps its LR and goes on bitwise, and nothing is said
+    torch.manual_seed(0)
+    kwargs = {"snapshot_every": 2}
+    checked, guard = make_trainer(tmp_path / "a", epochs=5, guard_kwargs=kwargs, warmup_iters=12)
+    with caplog.at_level(logging.WARNING, logger="scripts.guard"):
+        checked.run()
+    torch.manual_seed(0)
+    plain, _ = make_trainer(tmp_path / "b", epochs=5, guard_kwargs={**kwargs, "lr_search": False}, warmup_iters=12)
+    plain.run()
+    assert [s["iteration"] for s in guard.log.searches] == [13]  # the first step after the warm-up's last
+    assert guard.log.searches[0]["trials"][0]["lr"] == 0.002 and guard.log.searches[0]["chosen_lr"] == 0.002
+    assert guard.counters["rollbacks"] == 0 and guard.lr.scale == 1.0
+    assert_same_state(state_of(checked), state_of(plain))
+    report = json.loads((tmp_path / "a" / "guard_report.json").read_text())["learning_rate"]
+    assert report == {"asked": 0.002, "used": 0.002, "summary": None, "changes": []}
+    assert not [r for r in caplog.records if "did not train at the learning rate" in r.getMessage()]
 
 
 def test_a_backed_off_lr_grows_back_and_stays_below_what_failed(tmp_path):

@@ -10,7 +10,7 @@ import torch
 from scripts.detection.schedule import WarmupDecayLR
 from scripts.detection.step_report import StepReport
 from scripts.guard.lr_control import LRControl
-from scripts.guard.lr_search import Trial, TrialRunner, search_lr
+from scripts.guard.lr_search import Trial, TrialRunner, confirm, search_lr
 from scripts.guard.snapshot import Snapshot
 
 
@@ -110,6 +110,37 @@ def test_search_reports_the_smallest_larger_lr_that_clearly_lost():
     assert search_lr(run_trial, 10**-0.5, margin=0.25, patience=2).lost_at is None
     run_trial, _ = fake_trials({1.0: None})
     assert search_lr(run_trial, 1.0, max_trials=2).lost_at is None  # nothing chosen, nothing to stay below
+
+
+def test_longer_trials_settle_a_choice_that_is_not_the_best():
+    # the margin chose 0.1 (1.2 against the best 1.0 at 0.0316); trained longer, the smaller ends lower: it wins,
+    # and the larger is reported as lost (growth stays below it)
+    result = search_lr(fake_trials({1.0: None, 0.316: 1.6, 0.1: 1.2, 0.0316: 1.0, 0.01: 1.1})[0], 1.0, patience=2)
+    longer, asked = fake_trials({0.1: 0.9, 0.0316: 0.8})
+    settled = confirm(longer, result)
+    assert asked == [0.1, 0.0316] and settled.lr == pytest.approx(10**-1.5)
+    assert settled.lost_at == pytest.approx(0.1) and settled.trials == result.trials
+    assert [t.lr for t in settled.confirmation] == pytest.approx([0.1, 10**-1.5]) and "longer" in settled.summary()
+    # ... where the larger ends no worse, it is kept, and so is what it lost to before
+    assert confirm(fake_trials({0.1: 0.8, 0.0316: 0.8})[0], result).lr == pytest.approx(0.1)
+    assert confirm(fake_trials({0.1: 0.8, 0.0316: None})[0], result).lr == pytest.approx(0.1)
+    assert confirm(fake_trials({0.1: None, 0.0316: 0.9})[0], result).lr == pytest.approx(10**-1.5)
+    # a choice that is the best already needs no longer trials
+    result = search_lr(fake_trials({1.0: 1.0, 0.316: 1.1})[0], 1.0, patience=1)
+    longer, asked = fake_trials({1.0: 0.9})
+    assert confirm(longer, result) is result and asked == []
+
+
+def test_a_trial_judged_by_its_tail_averages_its_last_steps():
+    model, optimizer, step, batches, _ = toy_problem()
+    origin = Snapshot(model, optimizer)
+    origin.take(0)
+    losses = []
+    recording = lambda batch: losses.append(step(batch)) or losses[-1]  # noqa: E731
+    trial = TrialRunner(recording, origin, batches, iterations=12, tail=4)(0.01)
+    assert trial.loss == pytest.approx(math.fsum(r.loss for r in losses[-4:]) / 4)
+    assert losses[-1].loss < losses[0].loss  # it learns: the tail is not the mean after the first step
+    assert trial.loss != pytest.approx(math.fsum(r.loss for r in losses[1:]) / 11)
 
 
 def scheduled(warmup_iters: int = 10, lr: float = 0.5) -> tuple[torch.optim.Optimizer, WarmupDecayLR]:

@@ -82,6 +82,7 @@ class GuardLog:
         self.max_logged_events = max_logged_events
         self.events: list[dict[str, Any]] = []
         self.searches: list[dict[str, Any]] = []
+        self.lr_changes: list[dict[str, Any]] = []
 
     def record(self, event: GuardEvent) -> None:
         """Log the event's line and keep it for the report."""
@@ -94,9 +95,37 @@ class GuardLog:
         logger.warning(f"guard: LR search at iteration {iteration}: {result.summary()}")
         if len(self.searches) < self.max_logged_events:
             trials = [asdict(t) for t in result.trials]
+            longer = [asdict(t) for t in result.confirmation]
             self.searches.append(
-                {"iteration": iteration, "trials": trials, "chosen_lr": result.lr, "lost_at": result.lost_at}
+                {
+                    "iteration": iteration,
+                    "trials": trials,
+                    "longer_trials": longer,
+                    "chosen_lr": result.lr,
+                    "lost_at": result.lost_at,
+                }
             )
+
+    def record_lr_change(self, iteration: int, epoch: int, before: float, after: float, why: str) -> None:
+        """Log a change of the schedule's peak LR (``before`` to ``after``) and why, and keep it for the report."""
+        logger.warning(f"guard: peak LR {before:.3g} -> {after:.3g} at epoch {epoch} iteration {iteration}: {why}")
+        self.lr_changes.append({"iteration": iteration, "epoch": epoch, "from": before, "to": after, "why": why})
+
+    def lr_summary(self, asked: float, used: float) -> str | None:
+        """
+        The run's LR in one plain paragraph when the guard changed it (``None`` when the run trained at ``asked``):
+        what was asked, what was used, and why.
+        """
+        if math.isclose(asked, used, rel_tol=1e-9) or not self.lr_changes:
+            return None
+        last = self.lr_changes[-1]
+        steps = "; ".join(f"iteration {c['iteration']}: {c['from']:.3g} -> {c['to']:.3g}" for c in self.lr_changes)
+        return (
+            f"This run did not train at the learning rate it was given: learning_rate {asked:.3g} (the schedule's "
+            f"peak) was changed to {used:.3g} (x{used / asked:.3g}), last at epoch {last['epoch']} iteration "
+            f"{last['iteration']} because {last['why']}. Changes: {steps}. To run this recipe at the LR that worked, "
+            f"set learning_rate to {used:.3g}."
+        )
 
     def write_report(self, summary: dict[str, Any]) -> str | None:
         """Write ``summary`` with the events to ``report_path``; returns the path written, if any."""
@@ -114,8 +143,9 @@ class GuardLog:
         return self.ckpt_path
 
     def state_dict(self) -> dict[str, Any]:
-        return {"events": list(self.events), "searches": list(self.searches)}
+        return {"events": list(self.events), "searches": list(self.searches), "lr_changes": list(self.lr_changes)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.events = list(state["events"])
         self.searches = list(state["searches"])
+        self.lr_changes = list(state.get("lr_changes", []))  # absent from checkpoints before 0.5.0

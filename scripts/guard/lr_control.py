@@ -40,6 +40,14 @@ class LRControl:
         # the multiplier is kept here as well: a rollback restores the schedule's state, multiplier included
         self.scale = lr_scheduler.multiplier
 
+    def asked_lr(self) -> float:
+        """The recipe's peak LR (the schedule's base LR, before the multiplier)."""
+        return self.lr_scheduler.base_lrs[0]
+
+    def used_lr(self) -> float:
+        """The recipe's peak LR as the run now trains it: with the multiplier."""
+        return self.asked_lr() * self.scale
+
     def current_lr(self) -> float:
         """The LR of the first parameter group now."""
         return self.lr_scheduler.optimizer.param_groups[0]["lr"]

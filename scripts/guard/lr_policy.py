@@ -16,7 +16,7 @@ from typing import Any
 from ignite.engine import Engine
 
 from scripts.guard.lr_control import LRControl
-from scripts.guard.lr_search import SearchResult, TrialRunner, search_lr
+from scripts.guard.lr_search import SearchResult, TrialRunner, confirm, search_lr
 from scripts.guard.snapshot import Snapshot
 
 __all__ = ["LRDecision", "LRPolicy", "SEARCH_STEP"]
@@ -51,10 +51,13 @@ class LRPolicy:
     Chooses the run's LR by paired trials from a known state, on the last applied batches.
 
     - `after_fault`: after a rollback, LRs from the one that failed downwards; the largest whose trial loss is within
-      ``search_margin`` of the best wins. A fault that does not reproduce keeps the LR (a transient), unless it comes
-      back at that LR, when the next search starts one step lower. When every LR fails, the LR is backed off.
-    - `check`: once, after the first ``search_iters`` steps, the run's peak LR against smaller ones from the run's
-      first state; a clearly better smaller LR restarts the run there.
+      ``search_margin`` of the best wins, unless the best beats it in a longer trial of both (``confirm_factor``
+      times ``search_iters`` steps, judged by their last ``search_iters``): the run restarts at that LR for good.
+      A fault that does not reproduce keeps the LR (a transient), unless it comes back at that LR, when the next
+      search starts one step lower. When every LR fails, the LR is backed off.
+    - `check`: once, when the schedule has reached its peak (the end of the warm-up, at least ``search_iters`` steps
+      in), the peak LR against smaller ones from the state the warm-up led to; a clearly better smaller LR restarts
+      the run from its first state. A warm-up is part of the recipe: the peak is judged where the run meets it.
     - `on_stall`: the current LR against smaller ones from the last good state when the detector stopped learning.
     - `grow`: every ``growth_interval`` healthy iterations, a reduced LR against one step higher, from now.
 
@@ -69,6 +72,7 @@ class LRPolicy:
         lr_backoff: the LR factor when a search cannot tell.
         growth_interval: healthy iterations after an LR change before a reduced LR is tried one step higher.
         max_update_ratio: a trial whose weights move more than this per step fails (0: no limit).
+        confirm_factor: steps of the longer trials that settle an after-fault search, in ``search_iters`` (0: none).
     """
 
     def __init__(
@@ -80,8 +84,10 @@ class LRPolicy:
         lr_backoff: float = 0.1,
         growth_interval: int = 200,
         max_update_ratio: float = 0.0,
+        confirm_factor: int = 3,
     ) -> None:
         self.lr, self.enabled = lr, enabled
+        self.confirm_factor = confirm_factor
         self.search_iters, self.search_margin, self.lr_backoff = search_iters, search_margin, lr_backoff
         self.growth_interval, self.max_update_ratio = growth_interval, max_update_ratio
         self.batches: deque[Any] = deque(maxlen=search_iters)  # the last batches whose step was applied
@@ -107,20 +113,21 @@ class LRPolicy:
         # a fault that comes back at the LR a search kept is no transient: the LR passes short trials but not training
         recurred = self.kept_as_transient is not None and math.isclose(self.lr.scale, self.kept_as_transient)
         self.kept_as_transient = None
-        result = self._search(engine, origin, failed * SEARCH_STEP if recurred else failed, patience=2)
+        result = self._search(engine, origin, failed * SEARCH_STEP if recurred else failed, patience=2, settle=True)
         if result is None or result.lr is None:  # the search could not tell: the classic remedy
             return LRDecision(restart=True, back_off=True, search=result)
         if result.changed or recurred:
             return LRDecision(restart=True, peak_lr=result.lr, failed_lr=failed, search=result)
         return LRDecision(restart=True, transient=True, search=result)
 
-    def check(self, engine: Engine, anchor: Snapshot, now: Snapshot, may_restart: bool) -> LRDecision:
+    def check(self, engine: Engine, now: Snapshot, may_restart: bool) -> LRDecision:
         """
-        Does the run's peak LR learn from the run's first state (``anchor``), or does a smaller one learn clearly
-        better? A restart when it does not (and ``may_restart``); otherwise the run is put back to ``now``.
+        Does the schedule's peak LR learn from where its warm-up led (``now``), or does a smaller one learn clearly
+        better? A restart (from the run's first state, the caller's) when it does not and ``may_restart``; otherwise
+        the run is put back to ``now``.
         """
         start = self.lr.peak_lr()
-        result = self._search(engine, anchor, start, patience=1, max_trials=6)
+        result = self._search(engine, now, start, patience=1, max_trials=6)
         if result is not None and result.changed and may_restart:
             return LRDecision(restart=True, peak_lr=result.lr, failed_lr=start, search=result)
         return self._keep(now, result)
@@ -174,14 +181,22 @@ class LRPolicy:
         max_trials: int = 10,
         step: float = SEARCH_STEP,
         limit: float | None = None,
+        settle: bool = False,
     ) -> SearchResult | None:
-        """Paired LR trials from ``origin`` on the kept batches (``None`` when searching is off or impossible)."""
+        """
+        Paired LR trials from ``origin`` on the kept batches (``None`` when searching is off or impossible); with
+        ``settle``, longer trials decide between a new choice and the best (`confirm`).
+        """
         if not (self.enabled and self.batches):
             return None
         step_fn = lambda batch: engine.train_step(batch, fire_events=False)  # noqa: E731
         runner = TrialRunner(step_fn, origin, self.batches, self.search_iters, self.max_update_ratio)
         limit = start * 1e-5 if limit is None else limit
         result = search_lr(runner, start, step, limit, max_trials, patience, self.search_margin)
+        if settle and self.confirm_factor > 0 and result.changed:  # a transient keeps its LR: nothing to settle
+            iterations = self.confirm_factor * self.search_iters
+            longer = TrialRunner(step_fn, origin, self.batches, iterations, self.max_update_ratio, self.search_iters)
+            result = confirm(longer, result)
         runner.finish()
         if result.lr is not None and result.lost_at is not None:  # lost from a good state: never grow back to it
             self.lr.failed_at(result.lost_at)

@@ -10,6 +10,7 @@ state and roll the trials back.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch
 from scripts.detection.step_report import StepReport
 from scripts.guard.snapshot import Snapshot
 
-__all__ = ["SearchResult", "Trial", "TrialRunner", "search_lr"]
+__all__ = ["SearchResult", "Trial", "TrialRunner", "confirm", "search_lr"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,13 @@ class SearchResult:
     trials: tuple[Trial, ...]
     lr: float | None
     lost_at: float | None = None
+    confirmation: tuple[Trial, ...] = ()
+
+    @property
+    def best(self) -> Trial | None:
+        """The working trial with the lowest loss (``None`` when every candidate failed)."""
+        working = [t for t in self.trials if not t.failed]
+        return min(working, key=lambda t: t.loss) if working else None
 
     @property
     def incumbent(self) -> Trial:
@@ -66,7 +74,8 @@ class SearchResult:
         tried = ", ".join(f"{t.lr:.3g}: {'failed' if t.failed else f'{t.loss:.4g}'}" for t in self.trials)
         chosen = "none works" if self.lr is None else f"{self.lr:.3g}"
         below = f" (lost at {self.lost_at:.3g})" if self.lr is not None and self.lost_at is not None else ""
-        return f"{tried} -> {chosen}{below}"
+        longer = ", ".join(f"{t.lr:.3g}: {'failed' if t.failed else f'{t.loss:.4g}'}" for t in self.confirmation)
+        return f"{tried} -> {chosen}{below}" + (f"; longer trials {longer}" if longer else "")
 
 
 def search_lr(
@@ -120,6 +129,24 @@ def search_lr(
     return SearchResult(tuple(trials), chosen, min(lost) if lost else None)
 
 
+def confirm(run_longer: Callable[[float], Trial], result: SearchResult) -> SearchResult:
+    """
+    Settle a search whose choice (the largest LR within the margin) is not the LR with the lowest trial loss: both
+    train again, longer (``run_longer``, judged by the loss of their last steps, where a run goes on from), and the
+    larger is kept only if it ends no worse; otherwise the smaller wins and the larger is reported as ``lost_at``.
+    The margin exists because a short trial cannot tell an LR slightly behind from one that is worse; a longer one
+    can, and a restart is committed to for the rest of the run.
+    """
+    best = result.best
+    if result.lr is None or best is None or best.lr == result.lr:
+        return result
+    larger, smaller = run_longer(result.lr), run_longer(best.lr)
+    if not larger.failed and (smaller.failed or larger.loss <= smaller.loss):
+        return dataclasses.replace(result, confirmation=(larger, smaller))
+    lost_at = min(result.lr, result.lost_at) if result.lost_at is not None else result.lr
+    return dataclasses.replace(result, lr=best.lr, lost_at=lost_at, confirmation=(larger, smaller))
+
+
 def mean_after_first(losses: list[float]) -> float:
     """The mean of ``losses[1:]`` (the first is computed before any step, the same for every LR)."""
     rest = losses[1:] or losses
@@ -141,6 +168,7 @@ class TrialRunner:
         batches: the loader batches to train on (the same for every trial).
         iterations: steps per trial.
         max_update_ratio: the update ratio per step above which a trial fails (0: no limit).
+        tail: judge a trial by the mean loss of its last ``tail`` steps (``None``: of every step after the first).
     """
 
     def __init__(
@@ -150,8 +178,10 @@ class TrialRunner:
         batches: Sequence[Any],
         iterations: int,
         max_update_ratio: float = 0.0,
+        tail: int | None = None,
     ) -> None:
         self.step = step
+        self.tail = tail
         self.origin = origin
         self.batches = list(batches)
         self.iterations = iterations
@@ -175,7 +205,8 @@ class TrialRunner:
             ratio = self.origin.update_ratio(self.origin.network_state(), self.iterations)
             if ratio > self.max_update_ratio:
                 return Trial(lr, math.nan, True)
-        return Trial(lr, mean_after_first(losses), False)
+        loss = mean_after_first(losses) if self.tail is None else math.fsum(losses[-self.tail :]) / self.tail
+        return Trial(lr, loss, False)
 
     def finish(self) -> None:
         """Put the random number generators back as they were before the first trial."""

@@ -51,9 +51,10 @@ class StabilityGuard:
       (they are quarantined) and nothing else. ``patience`` other events in a row, non-finite weights, or weights
       that moved more than ``max_update_ratio`` of their norm per step, roll back to the last good snapshot.
     - The LR the run goes on with is `LRPolicy`'s decision (`scripts.guard.lr_policy`), asked after a rollback,
-      once after the first ``search_iters`` steps (the LR check from the run's first state, until which rollbacks
-      go there too), on a stall and every ``growth_interval`` healthy iterations at a reduced LR; when a decision
-      says restart, this class rolls back to where the trials started.
+      once when the schedule reaches its peak (the LR check at the end of the warm-up; until then a rollback goes
+      to the run's first state, and so does a restart the check decides), on a stall and every ``growth_interval``
+      healthy iterations at a reduced LR. Every change of the LR is logged with its reason and summed up, asked
+      against used, at the end of the run and in the report.
     - The snapshot is refreshed every ``snapshot_every`` steps while the window had no event, the loss did not grow
       ``max_loss_growth`` times and the detector's score gap did not collapse (`LearningSignal`). A gap collapsed
       for ``stall_windows`` windows is a stall.
@@ -85,6 +86,9 @@ class StabilityGuard:
             back off by ``lr_backoff`` and never grow).
         search_iters: steps per trial of the search (the last that many batches are kept for it).
         search_margin: how much more trial loss than the best LR the chosen (largest) LR may have, as a fraction.
+        search_confirm: after a fault, when the chosen LR is not the best of its trials, both train this many times
+            ``search_iters`` steps and the one with the lower loss over the last ``search_iters`` wins (0: no longer
+            trials).
         growth_interval: healthy iterations after an LR change before a backed-off LR is tried one step higher.
         stall_windows: windows of collapsed score gap that make a stall.
         min_val_metric: the best validation metric must exceed this for the run to count as learned (``None``: no
@@ -118,6 +122,7 @@ class StabilityGuard:
         lr_search: bool = True,
         search_iters: int = 16,
         search_margin: float = 0.25,
+        search_confirm: int = 3,
         growth_interval: int = 200,
         stall_windows: int = 5,
         min_val_metric: float | None = 0.01,
@@ -138,7 +143,14 @@ class StabilityGuard:
         self.snapshot = Snapshot(network, optimizer, scaler, lr_scheduler, snapshot_device)
         self.lr = LRControl(lr_scheduler)
         self.lr_policy = LRPolicy(
-            self.lr, lr_search, search_iters, search_margin, lr_backoff, growth_interval, max_update_ratio
+            self.lr,
+            lr_search,
+            search_iters,
+            search_margin,
+            lr_backoff,
+            growth_interval,
+            max_update_ratio,
+            search_confirm,
         )
         self.blame = FileBlame(quarantine_after)
         self.learning = LearningSignal(patience=stall_windows)
@@ -218,7 +230,7 @@ class StabilityGuard:
         self.window.append(report)
         if len(self.window) >= self.snapshot_every and not self._end_window(engine, report):
             return
-        if self.anchor is not None and self.lr_policy.ready_to_check():
+        if self.anchor is not None and self.lr_policy.ready_to_check() and self.lr.warmup_done():
             self._check_lr(engine)
         elif self.lr_policy.due_for_growth(engine.state.iteration):
             self._grow(engine)
@@ -255,7 +267,8 @@ class StabilityGuard:
             return
         origin = self.anchor or self.snapshot
         decision = self._searched(engine, self.lr_policy.after_fault(engine, origin))
-        self._restart(engine, origin, decision)
+        found = "no LR worked in the search: backed off" if decision.back_off else "an LR search chose it"
+        self._restart(engine, origin, decision, f"{why}; rolled back to iteration {origin.iteration}, {found}")
         logger.warning(
             f"guard: {why}; rolled back to the state after iteration {origin.iteration}, LR now "
             f"{self.lr.current_lr():.3g} (x{self.lr.scale:.3g} of the schedule; rollback "
@@ -264,16 +277,19 @@ class StabilityGuard:
 
     def _check_lr(self, engine: Engine) -> None:
         """
-        Once the first ``search_iters`` steps are in, the LR check (`LRPolicy.check`): a run whose LR holds goes on
-        untouched; one that does not restarts from its first state (the steps taken may have damaged the detector
-        for good without any event).
+        When the schedule reaches its peak, the LR check (`LRPolicy.check`): a run whose peak LR holds goes on
+        untouched; one that does not restarts from its first state (the warm-up at too high an LR may have damaged
+        the detector for good without any event).
         """
         anchor, start = self.anchor, self.lr.peak_lr()
         decision = self._searched(
-            engine, self.lr_policy.check(engine, anchor, self._copy_of_now(engine), self._may_roll_back())
+            engine, self.lr_policy.check(engine, self._copy_of_now(engine), self._may_roll_back())
         )
         if decision.restart:
-            self._restart(engine, anchor, decision)
+            why = (
+                f"the peak LR lost its trials at the end of the warm-up to a smaller one ({decision.search.summary()})"
+            )
+            self._restart(engine, anchor, decision, f"{why}; restarted from iteration {anchor.iteration}")
             logger.warning(f"guard: LR {start:.3g} too high: restarted after iteration {anchor.iteration}")
         self.anchor, self.lr_checked = None, True
 
@@ -285,7 +301,8 @@ class StabilityGuard:
         now = self._copy_of_now(engine)
         decision = self._searched(engine, self.lr_policy.on_stall(engine, self.snapshot, now, self._may_roll_back()))
         if decision.restart:
-            self._restart(engine, self.snapshot, decision)
+            why = f"the detector stopped learning ({level}) and a smaller LR learned better"
+            self._restart(engine, self.snapshot, decision, f"{why}; rolled back to iteration {self.snapshot.iteration}")
             logger.warning(f"guard: back to iteration {self.snapshot.iteration}, LR {self.lr.current_lr():.3g}")
             return False
         self.learning.rebase()  # a smaller LR does not do better: not the LR's doing, carry on from here
@@ -293,10 +310,11 @@ class StabilityGuard:
 
     def _grow(self, engine: Engine) -> None:
         """After a healthy stretch at a reduced LR: one step up, when it learns about as well (`LRPolicy.grow`)."""
-        start = self.lr.peak_lr()
+        before = self.lr.used_lr()
         decision = self._searched(engine, self.lr_policy.grow(engine, self._copy_of_now(engine)))
         if decision.peak_lr is not None:
-            logger.warning(f"guard: LR grown back from {start:.3g} to {decision.peak_lr:.3g} (peak of the schedule)")
+            why = "one step up learned about as well after a healthy stretch at the reduced LR"
+            self.log.record_lr_change(engine.state.iteration, engine.state.epoch, before, self.lr.used_lr(), why)
 
     def _may_roll_back(self) -> bool:
         return self.counters["rollbacks"] < self.max_rollbacks
@@ -314,10 +332,13 @@ class StabilityGuard:
         current.take(engine.state.iteration)
         return current
 
-    def _restart(self, engine: Engine, origin: Snapshot, decision: LRDecision) -> None:
-        """Roll back to ``origin``, then set the LR ``decision`` chose."""
+    def _restart(self, engine: Engine, origin: Snapshot, decision: LRDecision, why: str) -> None:
+        """Roll back to ``origin``, then set the LR ``decision`` chose (recorded with ``why`` when it changed)."""
+        before = self.lr.used_lr()
         self._restore(engine, origin)
         self.lr_policy.apply(decision, engine.state.iteration)
+        if not math.isclose(before, self.lr.used_lr(), rel_tol=1e-9):
+            self.log.record_lr_change(engine.state.iteration, engine.state.epoch, before, self.lr.used_lr(), why)
 
     def _restore(self, engine: Engine, origin: Snapshot) -> None:
         """Roll back to ``origin``, which becomes the last good snapshot, and forget the abandoned trajectory."""
@@ -357,6 +378,7 @@ class StabilityGuard:
         self.snapshot.restore()
         self.lr.reapply()
         self.status = "stopped"
+        self._say_lr()
         saved = self.log.save_checkpoint(self.snapshot.host_state())
         self.message = (
             f"Training stopped by the stability guard at epoch {engine.state.epoch} iteration "
@@ -378,6 +400,7 @@ class StabilityGuard:
             self.status = "completed" if self.verdict.learned is not False else "not_learned"
             if self.verdict.note:
                 logger.warning(f"guard: {self.verdict.note}")
+            self._say_lr()
             if self.verdict.learned is False:
                 self.message = (
                     f"The detector did not learn: its best validation metric is {self.verdict.best:.4g} "
@@ -396,6 +419,12 @@ class StabilityGuard:
             self.log.save_checkpoint(self.snapshot.host_state())
         self.write_report()
 
+    def _say_lr(self) -> None:
+        """At the end: say plainly when the run trained at another LR than it was given."""
+        summary = self.log.lr_summary(self.lr.asked_lr(), self.lr.used_lr())
+        if summary:
+            logger.warning(f"guard: {summary}")
+
     def raise_if_failed(self) -> None:
         """Exit non-zero with the message if the guard stopped the run or the detector did not learn."""
         if self.message is not None:
@@ -408,6 +437,12 @@ class StabilityGuard:
                 "status": self.status,
                 "message": self.message,
                 "counters": dict(self.counters),
+                "learning_rate": {
+                    "asked": self.lr.asked_lr(),
+                    "used": self.lr.used_lr(),
+                    "summary": self.log.lr_summary(self.lr.asked_lr(), self.lr.used_lr()),
+                    "changes": self.log.lr_changes,
+                },
                 "lr_scale": self.lr.scale,
                 "lr": self.lr.current_lr(),
                 "lr_ceiling": self.lr.ceiling,
