@@ -63,11 +63,20 @@ class Outcome:
     wall_s: float
 
 
+def _full_backbone() -> dict[str, Any]:
+    """The full recipe's network (ResNet50-FPN) and warm-up, read from ``configs/train.json``, for the demo's patch."""
+    with open(os.path.join(REPO, "configs", "train.json")) as f:
+        recipe = json.load(f)
+    return {k: recipe[k] for k in ("backbone", "feature_extractor", "warmup_epochs")}
+
+
 def _faults(sgd_lr: float, adamw_lr: float, iterations: int) -> list[Fault]:
     """The matrix; the bursts start a third into the run's ``iterations``."""
     sgd = {"optimizer_name": "sgd"}
     adamw = {"optimizer_name": "adamw"}
     no_warmup = {"warmup_epochs": 0}
+    long_warmup = {"warmup_epochs": 10}  # the full recipe's
+    unguarded = {"guard#enabled": False}
     burst = max(iterations // 3, 1)
     inf_burst = {"_target_": "scripts.tools.faults.InfGradients", "first": burst, "last": burst + 9}
     fp16_burst = {"_target_": "scripts.tools.faults.LossScaleOverflow", "first": burst, "last": burst + 9}
@@ -120,6 +129,16 @@ def _faults(sgd_lr: float, adamw_lr: float, iterations: int) -> list[Fault]:
         ),
         Fault("healthy sgd, amp", "healthy sgd, amp", {**sgd, "learning_rate": sgd_lr, "amp": True}, needs_cuda=True),
     ]
+    for opt, lr, name in ((sgd, sgd_lr, "sgd"), (adamw, adamw_lr, "adamw")):  # the LR check meets the warm-up
+        healthy = f"healthy {name}, 10-epoch warm-up"
+        faults.append(Fault(healthy, healthy, {**opt, **long_warmup, "learning_rate": lr}))
+        faults.append(Fault(f"{healthy}, unguarded", healthy, {**opt, **long_warmup, **unguarded, "learning_rate": lr}))
+        for factor in (100, 1000):
+            overload = {**opt, **long_warmup, "learning_rate": lr * factor}
+            faults.append(Fault(f"{name} lr x{factor}, 10-epoch warm-up", healthy, overload))
+    full = "healthy sgd, full backbone"
+    faults.append(Fault(full, full, {**sgd, **_full_backbone(), "learning_rate": sgd_lr}))
+    faults.append(Fault(f"{full}, unguarded", full, {**sgd, **_full_backbone(), **unguarded, "learning_rate": sgd_lr}))
     return faults
 
 
