@@ -172,7 +172,7 @@ def test_learning_rate_overload_is_searched_down(tmp_path):
     assert report["asked"] == 10.0 and report["used"] == pytest.approx(10.0 * guard.lr.scale)
     assert report["changes"][0]["from"] == 10.0 and report["changes"][0]["to"] == pytest.approx(chosen)
     assert report["changes"][0]["iteration"] == guard.log.searches[0]["iteration"]  # decided when it rolled back
-    assert "rolled back" in report["changes"][0]["why"] and "an LR search chose it" in report["changes"][0]["why"]
+    assert report["changes"][0]["why"].startswith("after 3 consecutive refused steps the run rolled back to iteration")
     assert report["summary"].startswith("This run did not train at the learning rate it was given: learning_rate 10")
     assert f"set learning_rate to {report['used']:.3g}" in report["summary"]
 

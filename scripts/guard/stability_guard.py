@@ -267,8 +267,12 @@ class StabilityGuard:
             return
         origin = self.anchor or self.snapshot
         decision = self._searched(engine, self.lr_policy.after_fault(engine, origin))
-        found = "no LR worked in the search: backed off" if decision.back_off else "an LR search chose it"
-        self._restart(engine, origin, decision, f"{why}; rolled back to iteration {origin.iteration}, {found}")
+        found = (
+            "no LR worked in a search from there: backed off" if decision.back_off else "an LR search there chose it"
+        )
+        self._restart(
+            engine, origin, decision, f"after {why} the run rolled back to iteration {origin.iteration}; {found}"
+        )
         logger.warning(
             f"guard: {why}; rolled back to the state after iteration {origin.iteration}, LR now "
             f"{self.lr.current_lr():.3g} (x{self.lr.scale:.3g} of the schedule; rollback "
@@ -287,9 +291,9 @@ class StabilityGuard:
         )
         if decision.restart:
             why = (
-                f"the peak LR lost its trials at the end of the warm-up to a smaller one ({decision.search.summary()})"
+                f"the LR check at the end of the warm-up found a smaller LR clearly better: {decision.search.summary()}"
             )
-            self._restart(engine, anchor, decision, f"{why}; restarted from iteration {anchor.iteration}")
+            self._restart(engine, anchor, decision, f"{why}; the run restarted from iteration {anchor.iteration}")
             logger.warning(f"guard: LR {start:.3g} too high: restarted after iteration {anchor.iteration}")
         self.anchor, self.lr_checked = None, True
 
@@ -302,7 +306,7 @@ class StabilityGuard:
         decision = self._searched(engine, self.lr_policy.on_stall(engine, self.snapshot, now, self._may_roll_back()))
         if decision.restart:
             why = f"the detector stopped learning ({level}) and a smaller LR learned better"
-            self._restart(engine, self.snapshot, decision, f"{why}; rolled back to iteration {self.snapshot.iteration}")
+            self._restart(engine, self.snapshot, decision, f"{why}; the run rolled back to {self.snapshot.iteration}")
             logger.warning(f"guard: back to iteration {self.snapshot.iteration}, LR {self.lr.current_lr():.3g}")
             return False
         self.learning.rebase()  # a smaller LR does not do better: not the LR's doing, carry on from here
