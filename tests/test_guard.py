@@ -17,6 +17,8 @@ from monai.data import Dataset, MetaTensor
 from monai.data.utils import no_collation
 
 from scripts.data.quarantine import Quarantine, QuarantineSampler
+from scripts.guard import lr_policy
+from scripts.guard.lr_search import SearchResult, Trial
 from scripts.guard.stability_guard import GuardStopped
 
 
@@ -317,6 +319,22 @@ def test_the_lr_check_judges_the_peak_where_the_warm_up_leads(tmp_path, caplog):
     report = json.loads((tmp_path / "a" / "guard_report.json").read_text())["learning_rate"]
     assert report == {"asked": 0.002, "used": 0.002, "summary": None, "changes": []}
     assert not [r for r in caplog.records if "did not train at the learning rate" in r.getMessage()]
+
+
+@pytest.mark.parametrize("peak_loss, restarts", [(1.45, False), (1.55, True)])
+def test_the_lr_check_overrules_the_recipe_only_when_its_peak_clearly_lost(tmp_path, monkeypatch, peak_loss, restarts):
+    # the check's trials (stubbed): the recipe's peak behind the best by 45% is kept (a smaller LR wins short trials
+    # from a trained state by that much without learning better); by 55%, more than twice the margin, it lost
+    def trials(run_trial, start, *args, **kwargs):
+        return SearchResult((Trial(start, peak_loss, False), Trial(start * 10**-0.5, 1.0, False)), start * 10**-0.5)
+
+    monkeypatch.setattr(lr_policy, "search_lr", trials)
+    trainer, guard = make_trainer(tmp_path, epochs=3)
+    trainer.run()
+    assert [s["iteration"] for s in guard.log.searches] == [8]
+    assert guard.counters["rollbacks"] == int(restarts)
+    assert guard.lr.scale == pytest.approx(10**-0.5 if restarts else 1.0)
+    assert len(guard.log.lr_changes) == int(restarts)
 
 
 def test_a_backed_off_lr_grows_back_and_stays_below_what_failed(tmp_path):
