@@ -322,7 +322,9 @@ def test_the_lr_check_judges_the_peak_where_the_warm_up_leads(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("peak_loss, restarts", [(1.45, False), (1.55, True)])
-def test_the_lr_check_overrules_the_recipe_only_when_its_peak_clearly_lost(tmp_path, monkeypatch, peak_loss, restarts):
+def test_the_lr_check_overrules_the_recipe_only_when_its_peak_clearly_lost(
+    tmp_path, monkeypatch, caplog, peak_loss, restarts
+):
     # the check's trials (stubbed): the recipe's peak behind the best by 45% is kept (a smaller LR wins short trials
     # from a trained state by that much without learning better); by 55%, more than twice the margin, it lost
     def trials(run_trial, start, *args, **kwargs):
@@ -330,7 +332,10 @@ def test_the_lr_check_overrules_the_recipe_only_when_its_peak_clearly_lost(tmp_p
 
     monkeypatch.setattr(lr_policy, "search_lr", trials)
     trainer, guard = make_trainer(tmp_path, epochs=3)
-    trainer.run()
+    with caplog.at_level(logging.WARNING, logger="scripts.guard"):
+        trainer.run()
+    kept = [r.getMessage() for r in caplog.records if "is kept (it did not clearly lose)" in r.getMessage()]
+    assert len(kept) == int(not restarts)
     assert [s["iteration"] for s in guard.log.searches] == [8]
     assert guard.counters["rollbacks"] == int(restarts)
     assert guard.lr.scale == pytest.approx(10**-0.5 if restarts else 1.0)

@@ -295,6 +295,8 @@ class StabilityGuard:
             )
             self._restart(engine, anchor, decision, f"{why}; the run restarted from iteration {anchor.iteration}")
             logger.warning(f"guard: LR {start:.3g} too high: restarted after iteration {anchor.iteration}")
+        elif decision.search is not None and decision.search.changed:  # the search's line names another LR
+            logger.warning(f"guard: LR check: the recipe's peak LR {start:.3g} is kept (it did not clearly lose)")
         self.anchor, self.lr_checked = None, True
 
     def _stall(self, engine: Engine, report: StepReport) -> bool:
