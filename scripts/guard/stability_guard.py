@@ -290,13 +290,11 @@ class StabilityGuard:
             engine, self.lr_policy.check(engine, self._copy_of_now(engine), self._may_roll_back())
         )
         if decision.restart:
-            why = (
-                f"the LR check at the end of the warm-up found a smaller LR clearly better: {decision.search.summary()}"
-            )
+            why = f"the recipe's peak LR failed its trial at the end of the warm-up: {decision.search.summary()}"
             self._restart(engine, anchor, decision, f"{why}; the run restarted from iteration {anchor.iteration}")
             logger.warning(f"guard: LR {start:.3g} too high: restarted after iteration {anchor.iteration}")
         elif decision.search is not None and decision.search.changed:  # the search's line names another LR
-            logger.warning(f"guard: LR check: the recipe's peak LR {start:.3g} is kept (it did not clearly lose)")
+            logger.warning(f"guard: LR check: the recipe's peak LR {start:.3g} is kept (it trains: it did not fail)")
         self.anchor, self.lr_checked = None, True
 
     def _stall(self, engine: Engine, report: StepReport) -> bool:
