@@ -123,8 +123,8 @@ class GuardLog:
         return (
             f"This run did not train at the learning rate it was given: learning_rate {asked:.3g} (the schedule's "
             f"peak) was changed to {used:.3g} (x{used / asked:.3g}), last at epoch {last['epoch']} iteration "
-            f"{last['iteration']} because {last['why']}. Changes: {steps}. To run this recipe at the LR that worked, "
-            f"set learning_rate to {used:.3g}."
+            f"{last['iteration']}: {last['why']}. Changes: {steps}. To run this recipe at the LR that worked, set "
+            f"learning_rate to {used:.3g}."
         )
 
     def write_report(self, summary: dict[str, Any]) -> str | None:

@@ -124,9 +124,9 @@ class LRPolicy:
 
     def check(self, engine: Engine, now: Snapshot, may_restart: bool) -> LRDecision:
         """
-        Does the schedule's peak LR learn from where its warm-up led (``now``), or does a smaller one learn clearly
-        better? A restart (from the run's first state, the caller's) when it does not and ``may_restart``; otherwise
-        the run is put back to ``now``.
+        Does the schedule's peak LR train from where its warm-up led (``now``)? When it fails its trial and a smaller
+        LR works, a restart there (from the run's first state, the caller's) if ``may_restart``; otherwise the run is
+        put back to ``now`` at its LR.
         """
         start = self.lr.peak_lr()
         result = self._search(engine, now, start, patience=1, max_trials=6)

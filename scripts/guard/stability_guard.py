@@ -144,13 +144,13 @@ class StabilityGuard:
         self.lr = LRControl(lr_scheduler)
         self.lr_policy = LRPolicy(
             self.lr,
-            lr_search,
-            search_iters,
-            search_margin,
-            lr_backoff,
-            growth_interval,
-            max_update_ratio,
-            search_confirm,
+            enabled=lr_search,
+            search_iters=search_iters,
+            search_margin=search_margin,
+            lr_backoff=lr_backoff,
+            growth_interval=growth_interval,
+            max_update_ratio=max_update_ratio,
+            confirm_factor=search_confirm,
         )
         self.blame = FileBlame(quarantine_after)
         self.learning = LearningSignal(patience=stall_windows)
@@ -306,7 +306,9 @@ class StabilityGuard:
         decision = self._searched(engine, self.lr_policy.on_stall(engine, self.snapshot, now, self._may_roll_back()))
         if decision.restart:
             why = f"the detector stopped learning ({level}) and a smaller LR learned better"
-            self._restart(engine, self.snapshot, decision, f"{why}; the run rolled back to {self.snapshot.iteration}")
+            self._restart(
+                engine, self.snapshot, decision, f"{why}; the run rolled back to iteration {self.snapshot.iteration}"
+            )
             logger.warning(f"guard: back to iteration {self.snapshot.iteration}, LR {self.lr.current_lr():.3g}")
             return False
         self.learning.rebase()  # a smaller LR does not do better: not the LR's doing, carry on from here
