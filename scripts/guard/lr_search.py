@@ -71,11 +71,16 @@ class SearchResult:
 
     def summary(self) -> str:
         """One line: each LR with its mean trial loss, and the choice."""
-        tried = ", ".join(f"{t.lr:.3g}: {'failed' if t.failed else f'{t.loss:.4g}'}" for t in self.trials)
+        tried = _listed(self.trials)
         chosen = "none works" if self.lr is None else f"{self.lr:.3g}"
         below = f" (lost at {self.lost_at:.3g})" if self.lr is not None and self.lost_at is not None else ""
-        longer = ", ".join(f"{t.lr:.3g}: {'failed' if t.failed else f'{t.loss:.4g}'}" for t in self.confirmation)
+        longer = _listed(self.confirmation)
         return f"{tried} -> {chosen}{below}" + (f"; longer trials {longer}" if longer else "")
+
+
+def _listed(trials: tuple[Trial, ...]) -> str:
+    """Each trial's LR with its loss (or ``failed``), for a log line."""
+    return ", ".join(f"{t.lr:.3g}: {'failed' if t.failed else f'{t.loss:.4g}'}" for t in trials)
 
 
 def search_lr(
