@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector as MonaiRetinaNetDetector
 from monai.bundle import run
 
+from scripts.data.workers import loader_workers
 from scripts.errors import UserError
 from scripts.inference.io import DetectionWriter, InferenceFailed, list_inputs
 from tests.bundle_helpers import TINY, bundle_paths, config, make_phantoms, parse, save_tiny_model
@@ -217,3 +221,59 @@ def test_the_data_check_policy_of_inference(phantoms: dict[str, str], tmp_path, 
         assert line.startswith("inference failed on 1 of 2 images")
         result = json.loads(result_path.read_text())
         assert result["failed"][0]["problem"] == "duplicate_image" and len(result["validation"]) == 1
+
+
+def _stitched(phantoms: dict[str, str], root, stitch_device: str) -> tuple[Any, torch.Tensor]:
+    """inference.json's detector (tiny network, 32x32x16 windows: several per volume) and a loaded phantom."""
+    model = os.path.join(str(root), "model.pt")
+    save_tiny_model(model)
+    overrides = {**TINY, "val_patch_size": [32, 32, 16], "stitch_device": stitch_device, "model_path": model}
+    parser = parse("inference.json", **overrides, dataset_dir=phantoms["dir"], data_list_file_path=phantoms["datalist"])
+    detector = parser.get_parsed_content("detector")
+    parser.get_parsed_content("detector_ops")
+    item = {"image": os.path.join(phantoms["dir"], "images", "val_000.nii.gz")}
+    return detector.eval(), parser.get_parsed_content("preprocessing")(item)["image"]
+
+
+def test_auto_stitching_falls_back_to_the_host_when_the_device_runs_out_of_memory(
+    phantoms: dict[str, str], tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``stitch_device`` "auto" stitches where the windows run; a volume out of device memory is stitched on the host,
+    with the same detections as the zoo's host stitching, and the next volume is tried on the device again."""
+    zoo, image = _stitched(phantoms, tmp_path, "cpu")
+    auto, _ = _stitched(phantoms, tmp_path, "auto")
+    assert str(zoo.inferer.device) == "cpu" and auto.inferer.device is None
+    with torch.no_grad():
+        expected = zoo([image], use_inferer=True)[0]
+        assert len(expected["box"]) > 0
+        monai_forward = MonaiRetinaNetDetector.forward
+        seen: list[Any] = []
+
+        def out_of_memory_on_the_device(self, *args: Any, **kwargs: Any) -> Any:
+            seen.append(self.inferer.device)
+            if self.inferer.device is None and len(seen) == 1:
+                self.anchors = [torch.zeros(1)]  # what a device run leaves cached
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return monai_forward(self, *args, **kwargs)
+
+        monkeypatch.setattr(MonaiRetinaNetDetector, "forward", out_of_memory_on_the_device)
+        with caplog.at_level(logging.WARNING, logger="scripts.detection.detector"):
+            fallback = auto([image], use_inferer=True)[0]
+        again = auto([image], use_inferer=True)[0]
+    assert seen == [None, torch.device("cpu"), None]
+    assert "ran out of device memory" in caplog.text and "stitched on the host" in caplog.text
+    assert auto.inferer.device is None
+    for result in (fallback, again):
+        for key in ("box", "label", "label_scores"):
+            assert torch.equal(result[key], expected[key]), key
+
+
+def test_loader_workers_follow_the_cpus_of_the_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert loader_workers() == 8 and loader_workers(cap=32) == 15
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert loader_workers() == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert loader_workers() == 0

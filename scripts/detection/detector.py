@@ -10,10 +10,15 @@ stalled one scores both alike. The network, its state-dict keys and inference ar
 With ``sync_free=True`` the training forward makes no host sync (on a GPU): the heads skip their NaN check, the
 anchor matching, sampling and losses are `scripts.detection.sync_free_losses` (same matches, sample counts and
 losses as MONAI's, see there), and a non-finite head output makes both losses NaN instead of raising ``ValueError``.
+
+``set_sliding_window_inferer(..., device="auto")`` stitches the windows' outputs on the device the windows run on
+(a GPU: the outputs, anchors, box decoding and NMS stay there) and falls back to the host for a volume whose stitched
+outputs do not fit in the device's memory. The model zoo stitches every volume on the host (``device="cpu"``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +30,9 @@ from monai.apps.detection.utils.predict_utils import ensure_dict_value_to_list_
 from scripts.detection.sync_free_heads import make_heads_sync_free
 from scripts.detection.sync_free_losses import SyncFreeRetinaNetLoss
 
-__all__ = ["ANCHOR_SCORES", "ANCHOR_SCORE_NAMES", "HEADS_FINITE", "RetinaNetDetector", "anchor_scores"]
+__all__ = ["ANCHOR_SCORES", "ANCHOR_SCORE_NAMES", "HEADS_FINITE", "STITCH_AUTO", "RetinaNetDetector", "anchor_scores"]
+
+logger = logging.getLogger(__name__)
 
 # the key of the training losses dict under which the detector returns the anchor scores (see `anchor_scores`)
 ANCHOR_SCORES = "anchor_scores"
@@ -33,6 +40,8 @@ ANCHOR_SCORE_NAMES = ("positive_sum", "positive_count", "negative_sum", "negativ
 # the key of the sync-free training losses under which the detector returns whether every head output was finite
 # (a device bool: MONAI's heads raise instead, which reads the device per pyramid level)
 HEADS_FINITE = "heads_finite"
+# the sliding-window ``device`` that stitches on the windows' device when it has the memory, else on the host
+STITCH_AUTO = "auto"
 
 
 def anchor_scores(
@@ -82,12 +91,24 @@ class RetinaNetDetector(MonaiRetinaNetDetector):
     `monai.apps.detection.networks.retinanet_detector.RetinaNetDetector` (same arguments, and ``sync_free``)
     whose training losses dict also holds `ANCHOR_SCORES`: the sums and counts of the classifier's scores at
     positive and negative anchors. ``sync_free=True`` (or `set_sync_free`) runs training without host syncs.
+    `set_sliding_window_inferer` also takes ``device="auto"`` (`STITCH_AUTO`).
     """
 
     def __init__(self, *args: Any, sync_free: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sync_free = False
+        self.stitch_auto = False
         self.set_sync_free(sync_free)
+
+    def set_sliding_window_inferer(self, *args: Any, **kwargs: Any) -> None:
+        """
+        MONAI's, where ``device`` (the device the windows' outputs are stitched on) may also be `STITCH_AUTO`: the
+        device the windows run on, or the host for a volume that runs out of device memory there.
+        """
+        self.stitch_auto = kwargs.get("device") == STITCH_AUTO
+        if self.stitch_auto:
+            kwargs["device"] = None  # MONAI's inferer then stitches where the windows run
+        super().set_sliding_window_inferer(*args, **kwargs)
 
     def set_sync_free(self, enabled: bool = True) -> None:
         """Use (or stop using) the sync-free heads, matching, sampling and losses in training."""
@@ -100,7 +121,12 @@ class RetinaNetDetector(MonaiRetinaNetDetector):
         targets: list[dict[str, torch.Tensor]] | None = None,
         use_inferer: bool = False,
     ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
-        """MONAI's forward; in training with ``sync_free`` the same steps without reading any tensor value."""
+        """
+        MONAI's forward; in training with ``sync_free`` the same steps without reading any tensor value; in
+        inference with the `STITCH_AUTO` sliding window, stitched on the host when the device runs out of memory.
+        """
+        if not self.training and use_inferer and self.stitch_auto:
+            return self._infer_stitching_where_it_fits(input_images)
         if not (self.training and self.sync_free):
             return super().forward(input_images, targets, use_inferer)
         # shape, key and dtype checks only: these read no tensor value
@@ -123,6 +149,27 @@ class RetinaNetDetector(MonaiRetinaNetDetector):
         for key in (self.cls_key, self.box_reg_key):
             head_outputs[key] = self._reshape_maps(head_outputs[key])
         return self.compute_loss(head_outputs, targets, self.anchors, num_anchor_locs_per_level)
+
+    def _infer_stitching_where_it_fits(
+        self, input_images: list[torch.Tensor] | torch.Tensor
+    ) -> list[dict[str, torch.Tensor]]:
+        """Sliding-window inference stitched on the images' device; on the host for a volume that does not fit."""
+        try:
+            return super().forward(input_images, None, True)
+        except torch.OutOfMemoryError:  # an accelerator's memory: the host's raises a plain RuntimeError
+            pass
+        first = input_images if isinstance(input_images, torch.Tensor) else input_images[0]
+        shape = tuple(first.shape[-self.spatial_dims :])
+        logger.warning(
+            "a %s volume ran out of device memory: its sliding-window outputs are stitched on the host", shape
+        )
+        torch.cuda.empty_cache()  # what the failed attempt left cached, so that the windows fit again
+        # MONAI caches the anchors by image shape on the device of the outputs: made again there, and after
+        self.inferer.device, self.anchors = torch.device("cpu"), None
+        try:
+            return super().forward(input_images, None, True)
+        finally:
+            self.inferer.device, self.anchors = None, None
 
     def _reshape_maps(self, result_maps: list[torch.Tensor]) -> torch.Tensor:
         """MONAI's reshape to (B, sum(HWDA), channels); in sync-free training without its NaN check."""
