@@ -1,5 +1,5 @@
 """The data room, in the order a case meets it: the datalist (`datalist`), the data check (`check`, with its per-case
 rules in `rules`, header-first image reading in `probe`, the findings in `report`) and its policies (`screening`),
 the list of quarantined files and the sampler that skips them (`quarantine`), the persistent cache of compact
-volumes (`cache`), the crop (`crop`), augmentation (`augment`), and the synthetic chest phantoms that are the
-bundle's default data (`phantoms`)."""
+volumes (`cache`), the number of loader workers (`workers`), the crop (`crop`), augmentation (`augment`), and the
+synthetic chest phantoms that are the bundle's default data (`phantoms`)."""

@@ -17,9 +17,11 @@ alike (`scripts.tools.benchmark_guard`'s `build`, `make_batches` and `step`):
 It prints per arm the median and mean wall time per iteration and the sync-type ops per iteration (counted at the
 dispatcher, `SyncCounter`: a proxy of the host syncs on a GPU); the guard's overhead (guarded over bare, ratio of
 medians and of means); the speed-up over the zoo's step. On a GPU it adds the kernel time per iteration, the busy
-fraction (kernel time over wall) and the kernels per iteration (``torch.profiler``), and the seconds of one
-whole-volume validation forward (``--val_shape``, sliding window as the config sets it). Without a GPU it says so
-and prints the CPU figures.
+fraction (kernel time over wall) and the kernels per iteration (``torch.profiler``), the seconds of one
+whole-volume validation forward (``--val_shape``, sliding window as the config sets it), and whole-volume inference
+end to end, ours against the zoo's settings (`scripts.tools.benchmark_inference`, ``--inference_config``, on
+``--inference_volumes`` phantoms of ``--val_shape``). Without a GPU it says so and prints the CPU figures
+(``--inference on`` runs the inference part on the CPU too).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from collections.abc import Callable
 import torch
 
 from scripts.tools.benchmark_guard import build, make_batches, read_configs, step
+from scripts.tools.benchmark_inference import compare
 from scripts.tools.sync_count import SyncCounter
 
 ARMS = ("zoo", "bare", "guarded", "network")
@@ -97,6 +100,10 @@ def main() -> None:
     args.add_argument("--amp", choices=["config", "on", "off"], default="config")
     args.add_argument("--amp_dtype", choices=["float16", "bfloat16"], help="autocast type (default: the config's)")
     args.add_argument("--val_shape", type=int, nargs=3, default=[512, 512, 256])
+    args.add_argument("--inference", choices=["auto", "on", "off"], default="auto", help="auto: on a GPU only")
+    args.add_argument("--inference_config", default="configs/inference.json")
+    args.add_argument("--inference_volumes", type=int, default=2)
+    args.add_argument("--out", default="data/benchmark_inference", help="the inference part's phantoms and results")
     opts = args.parse_args()
     parser = read_configs(opts.config_file, opts.amp)
     if opts.amp_dtype:
@@ -161,6 +168,13 @@ def main() -> None:
         print(f"whole-volume validation forward {opts.val_shape}: {val:.2f} s per volume")
     else:
         print("no GPU: kernel time, busy fraction, kernels and validation time were skipped")
+    if opts.inference == "on" or (opts.inference == "auto" and cuda):
+        del trainers, runs, guarded, guard  # the training arms' memory, before whole volumes
+        if cuda:
+            torch.cuda.empty_cache()
+        print(compare(opts.inference_config, opts.val_shape, opts.inference_volumes, 2, opts.out))
+    else:
+        print("inference end to end skipped (--inference on to run it here)")
 
 
 if __name__ == "__main__":
