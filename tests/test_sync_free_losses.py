@@ -226,25 +226,32 @@ def test_a_non_finite_output_left_out_of_the_sample_still_makes_the_losses_nan()
     assert math.isfinite(result.cls_loss) and math.isfinite(result.box_loss)
 
 
-def sample_batch(num: int = 2, empty: int | None = None):
+def sample_batch(num: int = 2, empty: int | str | None = None):
+    """``num`` tiny crops with their boxes; ``empty``: the index of a crop without boxes, or ``"all"``."""
     samples = [tiny_sample(i, shape=(64, 64, 32)) for i in range(num)]
     images = [s["image"].as_tensor() for s in samples]
     targets = [{"box": s["box"], "label": s["label"]} for s in samples]
-    if empty is not None:
-        targets[empty] = {"box": torch.zeros((0, 6)), "label": torch.zeros(0, dtype=torch.long)}
+    for i in range(num) if empty == "all" else [] if empty is None else [empty]:
+        targets[i] = {"box": torch.zeros((0, 6)), "label": torch.zeros(0, dtype=torch.long)}
     return images, targets
 
 
-def forward_backward(detector, images, targets):
+def forward_backward(detector, images, targets, dtype: torch.dtype | None = None):
     detector.network.zero_grad(set_to_none=True)
-    losses = detector(images, [dict(t) for t in targets])
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        losses = detector(images, [dict(t) for t in targets])
     (losses["classification"] + losses["box_regression"].to(losses["classification"])).backward()
     grads = {k: p.grad.clone() for k, p in detector.network.named_parameters() if p.grad is not None}
     return losses, grads
 
 
-@pytest.mark.parametrize("empty", [None, 1])
-def test_detector_forward_has_no_sync_and_equals_monai_when_sampling_everything(empty):
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("empty", [None, 1, "all"])
+def test_detector_forward_has_no_sync_and_equals_monai_when_sampling_everything(empty, dtype):
+    """
+    fp32, and under bf16 autocast (the ``amp_dtype`` option). A batch without any box leaves the regression head
+    without gradients on both paths (its backward skipped).
+    """
     torch.manual_seed(0)
     detector = tiny_detector()
     detector.set_sync_free(False)  # MONAI's path first (train.json trains sync-free)
@@ -255,10 +262,10 @@ def test_detector_forward_has_no_sync_and_equals_monai_when_sampling_everything(
     detector(images, [dict(t) for t in targets])  # anchors generated and cached outside the count
 
     with SyncCounter() as monai_count:
-        ref, ref_grads = forward_backward(detector, images, targets)
+        ref, ref_grads = forward_backward(detector, images, targets, dtype)
     detector.set_sync_free(True)
     with SyncCounter() as sync_free_count:
-        mine, grads = forward_backward(detector, images, targets)
+        mine, grads = forward_backward(detector, images, targets, dtype)
 
     assert monai_count.total > 20, monai_count.counts
     assert sync_free_count.total == 0, sync_free_count.counts
@@ -267,6 +274,8 @@ def test_detector_forward_has_no_sync_and_equals_monai_when_sampling_everything(
     for name in ref[ANCHOR_SCORES]:
         torch.testing.assert_close(mine[ANCHOR_SCORES][name], ref[ANCHOR_SCORES][name])
     assert ref_grads.keys() == grads.keys()
+    regression = [n for n, _ in detector.network.named_parameters() if n.startswith("regression_head.")]
+    assert regression and (set(regression).isdisjoint(grads) if empty == "all" else set(regression) <= set(grads))
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-7)
 
