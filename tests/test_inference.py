@@ -17,7 +17,8 @@ from monai.bundle import run
 from scripts.data.workers import loader_workers
 from scripts.errors import UserError
 from scripts.inference.io import DetectionWriter, InferenceFailed, list_inputs
-from tests.bundle_helpers import TINY, bundle_paths, config, make_phantoms, parse, save_tiny_model
+from scripts.tools.benchmark_inference import compare
+from tests.bundle_helpers import REPO, TINY, bundle_paths, config, make_phantoms, parse, save_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +278,16 @@ def test_loader_workers_follow_the_cpus_of_the_process(monkeypatch: pytest.Monke
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert loader_workers() == 0
+
+
+def test_the_inference_benchmark_runs_both_arms_to_the_same_results(tmp_path) -> None:
+    """On a CPU both arms stitch on the host: the same result.json, and a table with both arms."""
+    overrides = tmp_path / "cpu.json"
+    overrides.write_text(json.dumps({"device": "$torch.device('cpu')", "amp": False, "val_patch_size": [32, 32, 16]}))
+    configs = [config("inference.json"), os.path.join(REPO, "tests", "data", "tiny.json"), str(overrides)]
+    table = compare(str(configs), [64, 64, 32], volumes=1, rounds=1, out=str(tmp_path / "bench"))
+    assert "| zoo |" in table and "| ours |" in table and "speed-up" in table
+    results = [
+        json.loads((tmp_path / "bench" / f"result_{arm}" / "result.json").read_text()) for arm in ("zoo", "ours")
+    ]
+    assert results[0]["validation"] and results[0] == results[1]

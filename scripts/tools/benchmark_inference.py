@@ -16,8 +16,8 @@ postprocessing, ``result.json``) over all volumes, arms alternating for ``--roun
   sized to the machine).
 
 Prints, per arm, the median seconds per volume end to end (the runner's ``run()``: load to ``result.json``) and of
-the detector alone (sliding window, stitching and box selection, to a CUDA synchronise), and the speed-up. The data
-check runs before both (``data_check`` ``"off"`` here: its cost is one header read per file, apart from the loop).
+the detector alone (sliding window, stitching and box selection, to a CUDA synchronise), and the speed-up. Both arms
+run with ``data_check`` ``"off"``: the check reads each file's header before the loop and is not what is compared.
 """
 
 from __future__ import annotations
