@@ -21,7 +21,8 @@ INFER = json.loads(Path(config("inference.json")).read_text())
 # top-level IDs inference.json repeats from train.json, which must stay equal as written
 SHARED_IDS = [
     "bundle_root", "ckpt_dir", "output_dir", "dataset_dir", "data_list_file_path",  # the defaults of data and model
-    "num_classes", "patch_size", "val_patch_size", "stitch_device", "intensity_norm", "backbone_norm",  # preprocessing, network
+    "num_classes", "patch_size", "val_patch_size", "intensity_norm", "backbone_norm",  # preprocessing, network
+    "stitch_device",  # sliding-window stitching at validation and inference
     "anchor_generator", "backbone", "feature_extractor", "network_def", "detector",
 ]  # fmt: skip
 # the detector settings both configs apply (train.json also sets the matcher and sampler of training)
