@@ -38,8 +38,8 @@ ARMS: dict[str, dict[str, Any]] = {"zoo": {"stitch_device": "cpu", "num_workers"
 
 
 def phantoms(out: str, shape: list[int], volumes: int) -> str:
-    """The datalist of ``volumes`` validation phantoms of ``shape`` in ``out/<shape>``, generated once."""
-    folder = os.path.join(out, "x".join(map(str, shape)))
+    """The datalist of ``volumes`` validation phantoms of ``shape`` in ``out/<shape>_<volumes>``, generated once."""
+    folder = os.path.join(out, "x".join(map(str, shape)) + f"_{volumes}")
     datalist = os.path.join(folder, "datalist.json")
     if not os.path.exists(datalist):
         generate_dataset(folder, num_train=1, num_val=volumes, shape=tuple(shape), seed=0)
