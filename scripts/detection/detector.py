@@ -11,6 +11,11 @@ With ``sync_free=True`` the training forward makes no host sync (on a GPU): the 
 anchor matching, sampling and losses are `scripts.detection.sync_free_losses` (same matches, sample counts and
 losses as MONAI's, see there), and a non-finite head output makes both losses NaN instead of raising ``ValueError``.
 
+``compile_network`` (or `set_compiled`) runs the network of that sync-free training forward through
+`torch.compile` (its kernels fused: on a GPU the heads' GroupNorm, which autocast keeps in fp32, with the casts and
+ReLUs around it); the compiled forward shares the network's parameters and is kept out of the module tree, so the
+state-dict keys stay MONAI's, and validation and inference run the network as it is.
+
 ``set_sliding_window_inferer(..., device="auto")`` stitches the windows' outputs on the device the windows run on
 (a GPU: the outputs, anchors, box decoding and NMS stay there) and falls back to the host for a volume whose stitched
 outputs do not fit in the device's memory. The model zoo stitches every volume on the host (``device="cpu"``).
@@ -19,7 +24,7 @@ outputs do not fit in the device's memory. The model zoo stitches every volume o
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -90,15 +95,45 @@ class RetinaNetDetector(MonaiRetinaNetDetector):
     """
     `monai.apps.detection.networks.retinanet_detector.RetinaNetDetector` (same arguments, and ``sync_free``)
     whose training losses dict also holds `ANCHOR_SCORES`: the sums and counts of the classifier's scores at
-    positive and negative anchors. ``sync_free=True`` (or `set_sync_free`) runs training without host syncs.
-    `set_sliding_window_inferer` also takes ``device="auto"`` (`STITCH_AUTO`).
+    positive and negative anchors. ``sync_free=True`` (or `set_sync_free`) runs training without host syncs;
+    ``compile_network`` (`set_compiled`) compiles the network of that forward. `set_sliding_window_inferer` also
+    takes ``device="auto"`` (`STITCH_AUTO`).
     """
 
-    def __init__(self, *args: Any, sync_free: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, sync_free: bool = False, compile_network: bool | dict[str, Any] = False, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.sync_free = False
         self.stitch_auto = False
+        self.compile_options: dict[str, Any] | None = None
+        self._compiled: tuple[int, Callable] | None = None  # (id of the network, its compiled forward)
         self.set_sync_free(sync_free)
+        self.set_compiled(compile_network)
+
+    def set_compiled(self, options: bool | dict[str, Any] = True) -> None:
+        """
+        Run the network of the sync-free training forward compiled: ``True`` or `torch.compile`'s keyword arguments
+        (``{"mode": "max-autotune"}``, ``{"backend": "aot_eager"}``); ``False``: as it is. The first step compiles
+        (a minute or more for ResNet50-FPN), as does the first one at a new batch shape.
+        """
+        if options and not self.sync_free:
+            raise ValueError(
+                "compile_network needs sync_free: MONAI's training path (sync_free false) runs the network as it is, "
+                "and its host syncs would break the compiled graphs anyway"
+            )
+        self.compile_options = (options if isinstance(options, dict) else {}) if options else None
+        self._compiled = None
+
+    def _training_network(self) -> Callable:
+        """The network, or its forward compiled (on first use, and again for another network: a deep copy's)."""
+        if self.compile_options is None:
+            return self.network
+        if self._compiled is None or self._compiled[0] != id(self.network):
+            # the bound forward, not the module: an `OptimizedModule` attribute would join the module tree (and its
+            # ``_orig_mod.`` keys the state dict)
+            self._compiled = (id(self.network), torch.compile(self.network.forward, **self.compile_options))
+        return self._compiled[1]
 
     def set_sliding_window_inferer(self, *args: Any, **kwargs: Any) -> None:
         """
@@ -111,9 +146,11 @@ class RetinaNetDetector(MonaiRetinaNetDetector):
         super().set_sliding_window_inferer(*args, **kwargs)
 
     def set_sync_free(self, enabled: bool = True) -> None:
-        """Use (or stop using) the sync-free heads, matching, sampling and losses in training."""
+        """Use (or stop using, which also stops compiling) the sync-free heads, matching, sampling and losses."""
         make_heads_sync_free(self.network, enabled)
         self.sync_free = enabled
+        if not enabled:
+            self.set_compiled(False)  # compiling is for the sync-free path only
 
     def forward(
         self,
@@ -138,7 +175,7 @@ class RetinaNetDetector(MonaiRetinaNetDetector):
             images, _ = pad_images(input_images, self.spatial_dims, self.size_divisible)  # shapes only
         else:
             images = _pad_image_list(list(input_images), self.spatial_dims, self.size_divisible)
-        head_outputs = self.network(images)
+        head_outputs = self._training_network()(images)
         if isinstance(head_outputs, (tuple, list)):
             half = len(head_outputs) // 2
             head_outputs = {self.cls_key: list(head_outputs[:half]), self.box_reg_key: list(head_outputs[half:])}

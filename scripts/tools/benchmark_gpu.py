@@ -12,7 +12,10 @@ alike (`scripts.tools.benchmark_guard`'s `build`, `make_batches` and `step`):
 - ``bare``: our step (the sync-free detector, one fused host read), no clipping, no guard;
 - ``guarded``: our step with gradient clipping and the guard (snapshots and all);
 - ``network``: the network alone, forward, backward of the summed raw head outputs and the optimiser step (no target
-  assignment, no losses): the floor the detector's step can approach.
+  assignment, no losses): the floor the detector's step can approach;
+- ``compiled`` (``--compile``, by default on a GPU only): ``bare`` with the network compiled
+  (``detector#compile_network``, with ``--compile_options``: ``{"mode": "reduce-overhead"}`` adds CUDA graphs); its
+  first step, the compilation, is timed apart.
 
 It prints per arm the median and mean wall time per iteration and the sync-type ops per iteration (counted at the
 dispatcher, `SyncCounter`: a proxy of the host syncs on a GPU); the guard's overhead (guarded over bare, ratio of
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -39,6 +43,7 @@ from scripts.tools.benchmark_inference import compare
 from scripts.tools.sync_count import SyncCounter
 
 ARMS = ("zoo", "bare", "guarded", "network")
+COMPILED = "compiled"
 
 
 def network_step(trainer, batch: list) -> float:
@@ -100,6 +105,8 @@ def main() -> None:
     args.add_argument("--amp", choices=["config", "on", "off"], default="config")
     args.add_argument("--amp_dtype", choices=["float16", "bfloat16"], help="autocast type (default: the config's)")
     args.add_argument("--val_shape", type=int, nargs=3, default=[512, 512, 256])
+    args.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="the compiled arm (auto: GPU)")
+    args.add_argument("--compile_options", type=json.loads, default={}, help='e.g. \'{"mode": "reduce-overhead"}\'')
     args.add_argument("--inference", choices=["auto", "on", "off"], default="auto", help="auto: on a GPU only")
     args.add_argument("--inference_config", default="configs/inference.json")
     args.add_argument("--inference_volumes", type=int, default=2)
@@ -126,32 +133,39 @@ def main() -> None:
         "network": lambda b: network_step(trainers["network"], b),
     }
     batches = make_batches(opts.rounds + opts.warmup, patch, batch_size)
-    times: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    cuda = guarded.state.device.type == "cuda"
+    arms = ARMS
+    if opts.compile == "on" or (opts.compile == "auto" and cuda):
+        trainers[COMPILED] = build(parser, False, state, sync_free=True)[0]
+        trainers[COMPILED].detector.set_compiled(opts.compile_options or True)
+        runs[COMPILED] = lambda b: step(trainers[COMPILED], None, b)
+        arms = (*ARMS, COMPILED)
+        print(f"compiled arm: first step (the compilation) {runs[COMPILED](batches[0]):.1f} s")
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
     for i, b in enumerate(batches):
-        for arm in ARMS[i % len(ARMS) :] + ARMS[: i % len(ARMS)]:
+        for arm in arms[i % len(arms) :] + arms[: i % len(arms)]:
             t = runs[arm](b)
             if i >= opts.warmup:
                 times[arm].append(t)
     syncs = {}
-    for arm in ARMS:
+    for arm in ARMS:  # the compiled arm runs bare's losses; a dispatch mode would make torch.compile recompile
         with SyncCounter() as counter:
             runs[arm](batches[0])
         syncs[arm] = counter
-    cuda = guarded.state.device.type == "cuda"
     device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     precision = f"amp {guarded.amp} ({guarded.amp_dtype})" if guarded.amp else "fp32"
     print(f"{device}; torch {torch.__version__}; {precision}; patch {patch}, batch {batch_size}; {opts.config_file}")
     print(f"rounds {opts.rounds} (+{opts.warmup} warm-up), arms in rotating order")
-    kernels = {arm: profile(runs[arm], batches[: opts.profile_rounds]) for arm in ARMS} if cuda else {}
+    kernels = {arm: profile(runs[arm], batches[: opts.profile_rounds]) for arm in arms} if cuda else {}
     print("| arm | median ms | mean ms | sync-type ops / it | kernel ms / it | busy | kernels / it |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for arm in ARMS:
+    for arm in arms:
         k = kernels.get(arm)
         gpu = f"{k['kernel_ms']:.1f} | {k['busy']:.2f} | {k['kernels']:.0f}" if k else "- | - | -"
         med, mean = statistics.median(times[arm]) * 1e3, statistics.fmean(times[arm]) * 1e3
-        print(f"| {arm} | {med:.1f} | {mean:.1f} | {syncs[arm].total} | {gpu} |")
-    med = {arm: statistics.median(times[arm]) for arm in ARMS}
-    mean = {arm: statistics.fmean(times[arm]) for arm in ARMS}
+        print(f"| {arm} | {med:.1f} | {mean:.1f} | {syncs[arm].total if arm in syncs else '-'} | {gpu} |")
+    med = {arm: statistics.median(times[arm]) for arm in arms}
+    mean = {arm: statistics.fmean(times[arm]) for arm in arms}
     print(
         f"guard overhead (guarded / bare): ratio of medians {med['guarded'] / med['bare']:.4f}, "
         f"ratio of means {mean['guarded'] / mean['bare']:.4f}"
@@ -161,6 +175,11 @@ def main() -> None:
         f"speed-up over the zoo's step (iterations per second): bare {med['zoo'] / med['bare']:.3f}, "
         f"guarded {med['zoo'] / med['guarded']:.3f} (medians)"
     )
+    if COMPILED in med:
+        print(
+            f"compiled: {med['bare'] / med[COMPILED]:.3f}x the bare step, {med['zoo'] / med[COMPILED]:.3f}x the zoo's, "
+            f"{med[COMPILED] / med['network']:.3f} of the network alone (medians)"
+        )
     print("sync-type ops of the zoo's step:", dict(syncs["zoo"].counts.most_common(8)))
     print("sync-type ops of the guarded step:", dict(syncs["guarded"].counts.most_common(8)))
     if cuda:
