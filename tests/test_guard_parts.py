@@ -16,6 +16,7 @@ from scripts.guard.learning_signal import LearningSignal
 from scripts.guard.log import GuardEvent, GuardLog
 from scripts.guard.lr_search import SearchResult, Trial
 from scripts.guard.snapshot import Snapshot
+from scripts.guard.window import StepWindow
 
 
 def trained_pair():
@@ -105,6 +106,29 @@ def test_learning_signal_never_judges_a_run_that_has_not_learned_yet():
     for gap in (-0.01, 0.0, -0.02, 0.0):  # noise around zero: no best above zero, nothing to collapse from
         signal.add(gap)
     assert not signal.collapsed() and not signal.stalled()
+
+
+def step(loss: float, positive: float = 0.5, negative: float = 0.1) -> StepReport:
+    return StepReport(loss, loss, 0.0, 1.0, 1.0, positive_score=positive, negative_score=negative)
+
+
+def test_step_window_sets_the_spike_limit_and_summarises_each_window():
+    window = StepWindow(size=3, max_growth=10.0)
+    assert window.spike_limit() == math.inf  # nothing applied yet: no limit
+    assert not window.applied(step(0.2))
+    assert window.spike_limit() == 10.0  # the median below 1 counts as 1
+    window.refused()
+    assert not window.applied(step(4.0, positive=math.nan))  # no positive anchor: no score gap
+    assert window.applied(step(3.0))
+    assert window.spike_limit() == 30.0
+    summary = window.close()
+    assert not summary.clean and math.isclose(summary.mean_loss, 7.2 / 3) and math.isclose(summary.score_gap, 0.4)
+    for loss in (2.0, 2.0, 2.0):
+        full = window.applied(step(loss))
+    assert full and window.close().clean and window.spike_limit() == 20.0  # the last 3 losses, across windows
+    window.applied(step(math.nan))
+    window.clear()  # a rollback
+    assert window.spike_limit() == math.inf and window.reports == [] and window.clean
 
 
 def test_guard_log_writes_events_searches_report_and_checkpoint(tmp_path):

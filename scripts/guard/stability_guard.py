@@ -13,8 +13,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import statistics
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +28,7 @@ from scripts.guard.lr_control import LRControl
 from scripts.guard.lr_policy import LRDecision, LRPolicy
 from scripts.guard.snapshot import Snapshot, weights_finite
 from scripts.guard.verdict import Verdict, best_validation, judge_learning
+from scripts.guard.window import StepWindow
 
 __all__ = ["GuardStopped", "StabilityGuard"]
 
@@ -159,9 +158,7 @@ class StabilityGuard:
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.status, self.message = "running", None
         self.consecutive = self.consecutive_amp = self.steps_since_restore = self.steps_since_snapshot = 0
-        self.recent: deque[float] = deque(maxlen=snapshot_every)  # losses of the last applied steps
-        self.window: list[StepReport] = []
-        self.window_clean = True
+        self.window = StepWindow(snapshot_every, max_loss_growth)
         self.snapshot_loss: float | None = None
         self.update_ratio = math.nan
         self.anchor: Snapshot | None = None  # the run's first state, until its LR has been checked
@@ -183,8 +180,7 @@ class StabilityGuard:
             self.snapshot.take(engine.state.iteration - 1)  # the state after that many iterations
             # a shallow copy shares the state taken now; `take` replaces, never mutates it
             self.anchor = None if self.lr_checked else copy.copy(self.snapshot)
-        median = statistics.median(self.recent) if self.recent else math.inf
-        engine.set_loss_limit(self.max_loss_growth * max(median, 1.0))
+        engine.set_loss_limit(self.window.spike_limit())
 
     def iteration_completed(self, engine: Engine) -> None:
         """Act on the trainer's report of the iteration."""
@@ -198,7 +194,7 @@ class StabilityGuard:
     # ------------------------------------------------------------------------------------------------ the policy
     def _refused(self, engine: Engine, report: StepReport) -> None:
         self.counters["skipped_steps"] += 1
-        self.window_clean = False
+        self.window.refused()
         if report.amp_overflow:
             self.counters["amp_overflows"] += 1
             self.consecutive_amp += 1
@@ -225,10 +221,8 @@ class StabilityGuard:
         self.consecutive = self.consecutive_amp = 0
         self.steps_since_restore += 1
         self.steps_since_snapshot += 1
-        self.recent.append(report.loss)
         self.lr_policy.remember(engine.state.batch)
-        self.window.append(report)
-        if len(self.window) >= self.snapshot_every and not self._end_window(engine, report):
+        if self.window.applied(report) and not self._end_window(engine, report):
             return
         if self.anchor is not None and self.lr_policy.ready_to_check() and self.lr.warmup_done():
             self._check_lr(engine)
@@ -237,8 +231,7 @@ class StabilityGuard:
 
     def _end_window(self, engine: Engine, report: StepReport) -> bool:
         """Update ratio, learning signal and snapshot refresh; ``False`` when the window ended in a rollback."""
-        window, clean = self.window, self.window_clean
-        self.window, self.window_clean = [], True
+        window = self.window.close()
         network_state = self.snapshot.network_state()
         self.update_ratio = self.snapshot.update_ratio(network_state, self.steps_since_snapshot)
         if self.max_update_ratio and self.update_ratio > self.max_update_ratio:
@@ -246,10 +239,10 @@ class StabilityGuard:
             self._record(engine, "update", report, "rolling back", what)
             self._recover(engine, f"the weights moved {what} of their norm per step (max {self.max_update_ratio:.2g})")
             return False
-        self.learning.add(_nanmean([r.score_gap for r in window]))
-        mean_loss = _nanmean([r.loss for r in window])
+        self.learning.add(window.score_gap)
+        mean_loss = window.mean_loss
         grew = self.snapshot_loss is not None and mean_loss > self.max_loss_growth * max(self.snapshot_loss, 1e-8)
-        if clean and math.isfinite(mean_loss) and not grew and not self.learning.collapsed():
+        if window.clean and math.isfinite(mean_loss) and not grew and not self.learning.collapsed():
             self.snapshot.take(engine.state.iteration, network_state)
             self.snapshot_loss, self.steps_since_snapshot = mean_loss, 0
         elif self.learning.stalled():
@@ -352,8 +345,7 @@ class StabilityGuard:
         self.counters["rollbacks"] += 1
         self.snapshot = origin
         self.anchor, self.lr_checked = None, True
-        self.recent.clear()
-        self.window, self.window_clean = [], True
+        self.window.clear()
         self.steps_since_restore = self.steps_since_snapshot = 0
         self.learning.restart()
 
@@ -489,8 +481,3 @@ class StabilityGuard:
         self.log.load_state_dict(state["log"])
         self.snapshot_loss = state["snapshot_loss"]
         self.lr_checked = bool(state["lr_checked"])
-
-
-def _nanmean(values: list[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return math.fsum(finite) / len(finite) if finite else math.nan
