@@ -10,6 +10,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from scripts.data.phantoms import generate_dataset
+from scripts.tools.benchmark_inference import save_untrained
 
 __all__ = ["CONFIGS", "REPO", "TINY", "config", "bundle_paths", "make_phantoms", "parse", "save_tiny_model"]
 
@@ -61,8 +62,5 @@ def save_tiny_model(path: str, seed: int = 0) -> torch.nn.Module:
     """
     torch.manual_seed(seed)
     network = parse("inference.json", **TINY).get_parsed_content("network_def")
-    with torch.no_grad():
-        network.classification_head.cls_logits.bias.zero_()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(network.state_dict(), path)
+    save_untrained(network, path)
     return network.eval()

@@ -46,15 +46,22 @@ def phantoms(out: str, shape: list[int], volumes: int) -> str:
     return datalist
 
 
-def random_model(config_file: str, path: str) -> str:
-    """Save a randomly initialised ``network_def`` whose classification bias is 0 (every anchor scores 0.5)."""
-    torch.manual_seed(0)
-    network = read_configs(config_file).get_parsed_content("network_def")
+def save_untrained(network: torch.nn.Module, path: str) -> str:
+    """
+    Save the state dict of an untrained RetinaNet with its classification bias at 0 (every anchor scores 0.5, not the
+    prior 0.01), so that it returns boxes and box selection does its most work.
+    """
     with torch.no_grad():
         network.classification_head.cls_logits.bias.zero_()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(network.state_dict(), path)
     return path
+
+
+def random_model(config_file: str, path: str) -> str:
+    """Save a randomly initialised ``network_def`` of ``config_file`` as `save_untrained` does."""
+    torch.manual_seed(0)
+    return save_untrained(read_configs(config_file).get_parsed_content("network_def"), path)
 
 
 def timed(predict: Callable[[torch.Tensor], dict], seconds: list[float]) -> Callable[[torch.Tensor], dict]:
