@@ -143,3 +143,10 @@ def test_an_fp16_overflow_burst_is_absorbed_without_touching_the_lr(tmp_path):
     assert reports[5].amp_scale == seen["scale"]  # the scale was put back before the scaler saw the overflow
     assert guard.counters["amp_overflows"] >= 3 and guard.counters["events"] == 0
     assert guard.counters["rollbacks"] == 0 and guard.lr.scale == 1.0
+
+
+@pytest.mark.parametrize("options", [True, {"mode": "reduce-overhead"}], ids=["compiled", "cuda_graphs"])
+def test_the_compiled_step_under_fp16_amp_equals_the_eager_one(tmp_path, options):
+    from test_compile import check_compiled_step
+
+    check_compiled_step(tmp_path, options, device="cuda", amp=True, rtol=1e-2)
