@@ -30,5 +30,5 @@ def test_the_step_benchmark_prints_every_arm_and_the_zoo_s_syncs(capsys, monkeyp
     assert set(rows) == {*benchmark_gpu.ARMS, benchmark_gpu.COMPILED}, out
     assert all(float(cells[0]) > 0 and float(cells[1]) > 0 for cells in rows.values())
     sync_ops = {arm: cells[2] for arm, cells in rows.items()}
-    assert int(sync_ops["zoo"]) > 20 and sync_ops["bare"] == sync_ops["guarded"] == sync_ops["network"] == "0"
+    assert int(sync_ops.pop("zoo")) > 20 and set(sync_ops.values()) == {"0"}, sync_ops
     assert "ratio of means" in out and "compiled:" in out and "no GPU" in out

@@ -148,7 +148,7 @@ def main() -> None:
             if i >= opts.warmup:
                 times[arm].append(t)
     syncs = {}
-    for arm in ARMS:  # the compiled arm runs bare's losses; a dispatch mode would make torch.compile recompile
+    for arm in arms:
         with SyncCounter() as counter:
             runs[arm](batches[0])
         syncs[arm] = counter
@@ -163,7 +163,7 @@ def main() -> None:
         k = kernels.get(arm)
         gpu = f"{k['kernel_ms']:.1f} | {k['busy']:.2f} | {k['kernels']:.0f}" if k else "- | - | -"
         med, mean = statistics.median(times[arm]) * 1e3, statistics.fmean(times[arm]) * 1e3
-        print(f"| {arm} | {med:.1f} | {mean:.1f} | {syncs[arm].total if arm in syncs else '-'} | {gpu} |")
+        print(f"| {arm} | {med:.1f} | {mean:.1f} | {syncs[arm].total} | {gpu} |")
     med = {arm: statistics.median(times[arm]) for arm in arms}
     mean = {arm: statistics.fmean(times[arm]) for arm in arms}
     print(
