@@ -2,4 +2,4 @@
 rules in `rules`, header-first image reading in `probe`, the findings in `report`) and its policies (`screening`),
 the list of quarantined files and the sampler that skips them (`quarantine`), the persistent cache of compact
 volumes (`cache`), the number of loader workers (`workers`), the crop (`crop`), augmentation (`augment`), and the
-synthetic chest phantoms that are the bundle's default data (`phantoms`)."""
+synthetic chest phantoms that are the bundle's default data (`phantoms`, drawn with `phantom_geometry`)."""

@@ -31,6 +31,17 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from scripts.data.phantom_geometry import (
+    DIRECTIONS,
+    blend,
+    block,
+    block_offsets,
+    box_distance,
+    ellipsoid_rho_and_distance,
+    inside_ellipsoid,
+    polyline_distance,
+    sigmoid,
+)
 from scripts.errors import UserError
 from scripts.json_io import write_json
 
@@ -58,66 +69,6 @@ MIN_DIAMETER_MM, MAX_DIAMETER_MM = 3.0, 30.0
 _SPLITS = {"training": ("train", 0), "validation": ("val", 1)}
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return (1.0 / (1.0 + np.exp(-np.clip(x, -30.0, 30.0)))).astype(np.float32)
-
-
-def _ellipsoid_rho_and_distance(offsets: Sequence[np.ndarray], semi: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised radius and approximate signed distance (mm, negative inside) to an axis-aligned ellipsoid.
-
-    ``offsets`` are broadcastable per-axis offsets from the centre in mm; an infinite semi-axis makes an extrusion.
-    The distance is measured along the ray from the centre, exact for a sphere.
-    """
-    rho2 = sum((o / s) ** 2 for o, s in zip(offsets, semi, strict=True))
-    r = np.sqrt(sum(o**2 for o in offsets))
-    rho = np.sqrt(rho2)
-    finite = [s for s in semi if np.isfinite(s)]
-    along = np.where(rho > 1e-6, r / np.maximum(rho, 1e-6), min(finite))
-    return rho, (rho - 1.0) * along
-
-
-def _block(center_mm: np.ndarray, half_mm: np.ndarray, spacing: np.ndarray, shape: Sequence[int]) -> tuple:
-    """Voxel index sub-block (lo, hi) covering ``center +- half`` (mm), clipped to the volume."""
-    lo = np.maximum(np.floor((center_mm - half_mm) / spacing).astype(int) - 1, 0)
-    hi = np.minimum(np.ceil((center_mm + half_mm) / spacing).astype(int) + 2, np.asarray(shape))
-    return lo, hi
-
-
-def _offsets(lo: np.ndarray, hi: np.ndarray, center_mm: np.ndarray, spacing: np.ndarray) -> list[np.ndarray]:
-    """Broadcastable per-axis offsets (mm) of voxel centres in the block from ``center_mm``."""
-    out = []
-    for a in range(3):
-        v = (np.arange(lo[a], hi[a], dtype=np.float32) * spacing[a] - center_mm[a]).astype(np.float32)
-        view = [1, 1, 1]
-        view[a] = -1
-        out.append(v.reshape(view))
-    return out
-
-
-def _blend(vol: np.ndarray, lo: np.ndarray, hi: np.ndarray, weight: np.ndarray, hu: float) -> None:
-    sub = vol[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-    sub += weight * (np.float32(hu) - sub)
-
-
-def _fibonacci_directions(n: int = 128) -> np.ndarray:
-    k = np.arange(n) + 0.5
-    phi = np.arccos(1.0 - 2.0 * k / n)
-    theta = np.pi * (1.0 + 5.0**0.5) * k
-    return np.stack([np.cos(theta) * np.sin(phi), np.sin(theta) * np.sin(phi), np.cos(phi)], axis=1)
-
-
-_DIRECTIONS = _fibonacci_directions()
-
-
-def _inside_ellipsoid(points: np.ndarray, center: np.ndarray, semi: np.ndarray) -> bool:
-    return bool(np.all(np.sum(((points - center) / semi) ** 2, axis=-1) < 1.0))
-
-
-def _box_distance(points: np.ndarray, lo_mm: np.ndarray, hi_mm: np.ndarray) -> np.ndarray:
-    gap = np.maximum(np.maximum(lo_mm - points, points - hi_mm), 0.0)
-    return np.sqrt(np.sum(gap**2, axis=-1))
-
-
 def _place_nodule(
     rng: np.random.Generator,
     lungs: list[tuple[np.ndarray, np.ndarray]],
@@ -135,10 +86,10 @@ def _place_nodule(
             lung_c, lung_s = lungs[int(rng.integers(len(lungs)))]
             u = rng.normal(size=3)
             center = lung_c + lung_s * u / np.linalg.norm(u) * rng.uniform() ** (1.0 / 3.0)
-            if not _inside_ellipsoid(center + _DIRECTIONS * (semi + NODULE_MARGIN_MM), lung_c, lung_s):
+            if not inside_ellipsoid(center + DIRECTIONS * (semi + NODULE_MARGIN_MM), lung_c, lung_s):
                 continue
-            lo, hi = _block(center, semi, spacing, shape)
-            rho, _ = _ellipsoid_rho_and_distance(_offsets(lo, hi, center, spacing), semi)
+            lo, hi = block(center, semi, spacing, shape)
+            rho, _ = ellipsoid_rho_and_distance(block_offsets(lo, hi, center, spacing), semi)
             covered = np.nonzero(rho <= 1.0)
             first = lo + np.array([c.min() for c in covered])
             last = lo + np.array([c.max() for c in covered])
@@ -168,23 +119,11 @@ def _vessel_curve(
         p1 = (p0 + p2) / 2.0 + bend / max(np.linalg.norm(bend), 1e-6) * rng.uniform(0.0, 0.3) * length
         curve = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
         clear = all(
-            np.all(_box_distance(curve, n["_box_lo_mm"], n["_box_hi_mm"]) > radius + VESSEL_GAP_MM) for n in nodules
+            np.all(box_distance(curve, n["_box_lo_mm"], n["_box_hi_mm"]) > radius + VESSEL_GAP_MM) for n in nodules
         )
         if clear:
             return curve
     return None
-
-
-def _polyline_distance(offsets: list[np.ndarray], curve: np.ndarray) -> np.ndarray:
-    """Distance (mm) from each voxel (given as broadcastable absolute mm coordinates) to a polyline."""
-    best = None
-    for a, b in zip(curve[:-1], curve[1:], strict=True):
-        ab = (b - a).astype(np.float32)
-        rel = [offsets[k] - np.float32(a[k]) for k in range(3)]
-        t = np.clip(sum(rel[k] * ab[k] for k in range(3)) / max(float(ab @ ab), 1e-12), 0.0, 1.0)
-        d2 = sum((rel[k] - t * ab[k]) ** 2 for k in range(3))
-        best = d2 if best is None else np.minimum(best, d2)
-    return np.sqrt(best)
 
 
 def _make_affine(rng: np.random.Generator, shape: Sequence[int], spacing: np.ndarray) -> np.ndarray:
@@ -228,17 +167,17 @@ def generate_case(
     body_c = fov / 2.0 + np.array([*rng.uniform(-0.02, 0.02, size=2) * fov[:2], 0.0])
     body_s = np.array([0.46 * fov[0], 0.40 * fov[1], np.inf]) * np.array([*rng.uniform(0.95, 1.0, 2), 1.0])
     plane_lo, plane_hi = np.zeros(3, dtype=int), np.array([shape[0], shape[1], 1])
-    plane = _offsets(plane_lo, plane_hi, np.array([body_c[0], body_c[1], 0.0]), sp)[:2] + [np.float32(0.0)]
-    _, d_body = _ellipsoid_rho_and_distance(plane, body_s)
+    plane = block_offsets(plane_lo, plane_hi, np.array([body_c[0], body_c[1], 0.0]), sp)[:2] + [np.float32(0.0)]
+    _, d_body = ellipsoid_rho_and_distance(plane, body_s)
     inner_s = body_s - np.array([FAT_MM, FAT_MM, 0.0])
-    _, d_inner = _ellipsoid_rho_and_distance(plane, inner_s)
+    _, d_inner = ellipsoid_rho_and_distance(plane, inner_s)
     spine_c = np.array([body_c[0], body_c[1] - 0.72 * body_s[1]])
     spine = [plane[0] - np.float32(spine_c[0] - body_c[0]), plane[1] - np.float32(spine_c[1] - body_c[1]), plane[2]]
-    _, d_spine = _ellipsoid_rho_and_distance(spine, np.array([0.14 * body_s[0], 0.14 * body_s[1], np.inf]))
+    _, d_spine = ellipsoid_rho_and_distance(spine, np.array([0.14 * body_s[0], 0.14 * body_s[1], np.inf]))
     slab = np.full(d_body.shape, AIR_HU, dtype=np.float32)
-    slab += _sigmoid(-d_body / EDGE_MM) * (FAT_HU - slab)
-    slab += _sigmoid(-d_inner / EDGE_MM) * (SOFT_TISSUE_HU - slab)
-    slab += _sigmoid(-d_spine / EDGE_MM) * (BONE_HU - slab)
+    slab += sigmoid(-d_body / EDGE_MM) * (FAT_HU - slab)
+    slab += sigmoid(-d_inner / EDGE_MM) * (SOFT_TISSUE_HU - slab)
+    slab += sigmoid(-d_spine / EDGE_MM) * (BONE_HU - slab)
     vol = np.repeat(slab[:, :, :1], shape[2], axis=2).astype(np.float32)
 
     # lungs: one ellipsoid on each side of the mediastinum
@@ -249,9 +188,9 @@ def generate_case(
         c = np.array([body_c[0] + side * 0.45 * body_s[0], body_c[1] + 0.05 * body_s[1], fov[2] / 2.0])
         s = np.array([0.33 * body_s[0], 0.60 * body_s[1], 0.42 * fov[2]]) * rng.uniform(0.92, 1.0, size=3)
         lungs.append((c, s))
-        lo, hi = _block(c, s + 4 * EDGE_MM, sp, shape)
-        _, d = _ellipsoid_rho_and_distance(_offsets(lo, hi, c, sp), s)
-        lung_w[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = _sigmoid(-d / EDGE_MM)
+        lo, hi = block(c, s + 4 * EDGE_MM, sp, shape)
+        _, d = ellipsoid_rho_and_distance(block_offsets(lo, hi, c, sp), s)
+        lung_w[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = sigmoid(-d / EDGE_MM)
     vol += lung_w * (np.float32(lung_hu) - vol)
 
     # nodules are placed first so that the vessels can keep clear of them, and drawn last
@@ -277,16 +216,16 @@ def generate_case(
             hi = np.minimum(np.ceil((curve.max(axis=0) + half) / sp).astype(int) + 1, np.asarray(shape))
             if np.any(hi <= lo):
                 continue
-            coords = _offsets(lo, hi, np.zeros(3), sp)
-            weight = _sigmoid(-(_polyline_distance(coords, curve) - radius) / EDGE_MM)
+            coords = block_offsets(lo, hi, np.zeros(3), sp)
+            weight = sigmoid(-(polyline_distance(coords, curve) - radius) / EDGE_MM)
             weight *= lung_w[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-            _blend(vol, lo, hi, weight, VESSEL_HU)
+            blend(vol, lo, hi, weight, VESSEL_HU)
 
     out = []
     for n in nodules:
-        lo, hi = _block(n["_center_mm"], n["_semi_mm"] + 4 * EDGE_MM, sp, shape)
-        _, d = _ellipsoid_rho_and_distance(_offsets(lo, hi, n["_center_mm"], sp), n["_semi_mm"])
-        _blend(vol, lo, hi, _sigmoid(-d / EDGE_MM), n["hu"])
+        lo, hi = block(n["_center_mm"], n["_semi_mm"] + 4 * EDGE_MM, sp, shape)
+        _, d = ellipsoid_rho_and_distance(block_offsets(lo, hi, n["_center_mm"], sp), n["_semi_mm"])
+        blend(vol, lo, hi, sigmoid(-d / EDGE_MM), n["hu"])
         first, last = n["_first"], n["_last"]
         centre_vox = (first + last) / 2.0
         centre_ras = affine[:3, :3] @ centre_vox + affine[:3, 3]
