@@ -14,8 +14,9 @@ alike (`scripts.tools.benchmark_guard`'s `build`, `make_batches` and `step`):
 - ``network``: the network alone, forward, backward of the summed raw head outputs and the optimiser step (no target
   assignment, no losses): the floor the detector's step can approach;
 - ``compiled`` (``--compile``, by default on a GPU only): ``bare`` with the network compiled
-  (``detector#compile_network``, with ``--compile_options``: ``{"mode": "reduce-overhead"}`` adds CUDA graphs); its
-  first step, the compilation, is timed apart.
+  (``detector#compile_network``; ``--compile_options``, else the config's options: ``{"mode": "reduce-overhead"}``
+  adds CUDA graphs); its first step, the compilation, is timed apart. The other arms run eagerly whatever the
+  config says.
 
 It prints per arm the median and mean wall time per iteration and the sync-type ops per iteration (counted at the
 dispatcher, `SyncCounter`: a proxy of the host syncs on a GPU); the guard's overhead (guarded over bare, ratio of
@@ -117,6 +118,8 @@ def main() -> None:
         parser["amp_dtype"] = opts.amp_dtype
     patch, batch_size = opts.patch or parser["patch_size"], opts.batch or parser["batch_size"]
     parser["patch_size"] = patch
+    configured = parser.get("detector#compile_network", False)
+    parser["detector#compile_network"] = False  # every arm eager; the compiled arm is the only one compiled
     torch.manual_seed(0)
     guarded, guard = build(parser, True, None, sync_free=True)
     state = copy.deepcopy(guarded.network.state_dict())
@@ -137,7 +140,7 @@ def main() -> None:
     arms = ARMS
     if opts.compile == "on" or (opts.compile == "auto" and cuda):
         trainers[COMPILED] = build(parser, False, state, sync_free=True)[0]
-        trainers[COMPILED].detector.set_compiled(opts.compile_options or True)
+        trainers[COMPILED].detector.set_compiled(opts.compile_options or configured or True)
         runs[COMPILED] = lambda b: step(trainers[COMPILED], None, b)
         arms = (*ARMS, COMPILED)
         print(f"compiled arm: first step (the compilation) {runs[COMPILED](batches[0]):.1f} s")
