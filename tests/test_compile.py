@@ -16,6 +16,16 @@ import torch
 from conftest import assert_same_state, make_trainer, state_of, tiny_detector, tiny_loader
 
 
+def update(trainer, start: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What the step changed in the floating-point weights and buffers, flattened."""
+    now = trainer.network.state_dict()
+    return torch.cat([(now[k] - v).flatten().double().cpu() for k, v in start.items() if v.is_floating_point()])
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
 def check_compiled_step(
     tmp_path, options: bool | dict[str, Any] = True, device: str = "cpu", amp: bool = False, rtol: float = 1e-4
 ) -> None:
@@ -24,9 +34,12 @@ def check_compiled_step(
     compiled, _ = make_trainer(tmp_path / "compiled", epochs=1, device=device, amp=amp)
     compiled.network.load_state_dict(eager.network.state_dict())
     compiled.detector.set_compiled(options)
+    for trainer in (eager, compiled) if amp and device == "cuda" else ():
+        trainer.scaler._init_scale = 2.0**8  # the tiny network overflows fp16 at the default 2**16 now and then
     keys = list(eager.network.state_dict())
     batches = list(tiny_loader(2))
 
+    start = {k: v.clone() for k, v in eager.network.state_dict().items()}
     reports = []
     for trainer in (eager, compiled):
         torch.manual_seed(1)  # the same random draws of the sampler
@@ -35,7 +48,7 @@ def check_compiled_step(
     assert reports[1].event is None and math.isfinite(reports[1].loss)
     for name in ("loss", "loss_cls", "loss_reg", "grad_norm", "positive_score", "negative_score"):
         assert math.isclose(getattr(reports[1], name), getattr(reports[0], name), rel_tol=rtol), name
-    torch.testing.assert_close(compiled.network.state_dict(), eager.network.state_dict(), rtol=rtol, atol=rtol / 100)
+    assert relative_difference(update(compiled, start), update(eager, start)) < rtol  # the step's update
     assert list(compiled.network.state_dict()) == list(compiled.detector.network.state_dict()) == keys
 
     before = state_of(compiled)

@@ -1,4 +1,8 @@
-"""GPU-only behaviour of the stabilised step: AMP fp16 with a GradScaler. Skipped without CUDA (CI has none)."""
+"""
+GPU-only behaviour: the stabilised step under AMP fp16 with a GradScaler, pinned MetaTensor batches copied without
+blocking, the compiled step (with and without CUDA graphs), and sliding-window outputs stitched on the GPU. Skipped
+without CUDA (CI has none).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,13 @@ import math
 
 import pytest
 import torch
-from conftest import assert_same_state, make_trainer, poison_gradients, state_of, tiny_sample
+from bundle_helpers import TINY, make_phantoms, parse, save_tiny_model
+from conftest import assert_same_state, finite_weights, make_trainer, poison_gradients, state_of, tiny_sample
 from ignite.engine import Events
-from monai.data import Dataset
+from monai.data import DataLoader, Dataset, MetaTensor
 from monai.data.utils import no_collation
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 AMP with a GradScaler needs a CUDA GPU")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def cuda_trainer(tmp_path, epochs: int, guard_kwargs: dict | None = None, loader=None):
@@ -150,3 +155,52 @@ def test_the_compiled_step_under_fp16_amp_equals_the_eager_one(tmp_path, options
     from test_compile import check_compiled_step
 
     check_compiled_step(tmp_path, options, device="cuda", amp=True, rtol=1e-2)
+
+
+def test_pinned_metatensor_batches_keep_their_files_and_train_without_blocking(tmp_path):
+    """train.json's loader on CUDA (``pin_memory``) and trainer (``non_blocking``): the crops arrive pinned, still
+    MetaTensors that name their files, and train."""
+    loader = DataLoader(
+        Dataset([tiny_sample(i) for i in range(2)]), batch_size=1, collate_fn=no_collation, pin_memory=True
+    )
+    first = next(iter(loader))[0]["image"]
+    assert isinstance(first, MetaTensor) and first.is_pinned() and first.meta["filename_or_obj"].endswith("00.nii.gz")
+    trainer, guard = make_trainer(tmp_path, epochs=1, loader=loader, device="cuda", amp=True, non_blocking=True)
+    reports = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: reports.append(e.state.output))
+    trainer.run()
+    assert [r.files for r in reports] == [("/data/case_00.nii.gz",), ("/data/case_01.nii.gz",)]
+    assert all(math.isfinite(r.loss) for r in reports) and finite_weights(trainer.network)
+    assert guard.counters["events"] == 0
+
+
+def test_auto_stitching_on_the_gpu_gives_the_host_stitched_detections(tmp_path):
+    """``stitch_device`` "auto": the windows' outputs stitched on the GPU, boxes decoded and selected there, with the
+    detections of the zoo's host stitching (windows on the GPU in both)."""
+    datalist = make_phantoms(str(tmp_path / "data"))
+    model = str(tmp_path / "model.pt")
+    save_tiny_model(model)
+    image = None
+    results = {}
+    for stitch in ("cpu", "auto"):
+        overrides = {**TINY, "device": "$torch.device('cuda:0')", "amp": False, "val_patch_size": [32, 32, 16]}
+        parser = parse(
+            "inference.json",
+            **overrides,
+            stitch_device=stitch,
+            model_path=model,
+            dataset_dir=str(tmp_path / "data"),
+            data_list_file_path=datalist,
+        )
+        detector = parser.get_parsed_content("detector").eval()
+        parser.get_parsed_content("detector_ops")
+        if image is None:
+            item = {"image": str(tmp_path / "data" / "images" / "val_000.nii.gz")}
+            image = parser.get_parsed_content("preprocessing")(item)["image"].to("cuda")
+        with torch.no_grad():
+            results[stitch] = detector([image], use_inferer=True)[0]
+    host, device = results["cpu"], results["auto"]
+    assert device["box"].device.type == "cuda" and host["box"].device.type == "cpu" and len(host["box"]) > 0
+    for key in ("box", "label_scores"):
+        torch.testing.assert_close(device[key].cpu(), host[key], rtol=1e-4, atol=1e-4)
+    assert torch.equal(device["label"].cpu(), host["label"])
