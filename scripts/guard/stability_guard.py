@@ -134,7 +134,7 @@ class StabilityGuard:
     ) -> None:
         self.network, self.optimizer, self.enabled = network, optimizer, enabled
         self.patience, self.max_rollbacks = patience, max_rollbacks
-        self.max_refused_in_a_row, self.snapshot_every = max_refused_in_a_row, snapshot_every
+        self.max_refused_in_a_row = max_refused_in_a_row
         self.max_loss_growth, self.max_update_ratio = max_loss_growth, max_update_ratio
         self.amp_overflow_patience = amp_overflow_patience
         self.min_val_metric, self.judge_after_epochs = min_val_metric, judge_after_epochs
