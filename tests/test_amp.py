@@ -1,12 +1,17 @@
-"""Mixed precision settings: fp16 with a GradScaler by default on CUDA, bf16 (no scaler) as an option."""
+"""Mixed precision settings: fp16 with a GradScaler by default on CUDA, bf16 (no scaler) as an option; validation and
+inference autocast in bf16 on a CPU with bf16 instructions."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from bundle_helpers import TINY, parse
-from conftest import make_trainer
+from conftest import make_trainer, tiny_detector, tiny_sample
+from monai.data.box_utils import box_iou
+
+from scripts.evaluation import evaluator
 
 
 def test_bf16_on_cuda_needs_no_grad_scaler():
@@ -27,3 +32,56 @@ def test_the_step_runs_under_the_autocast_type_asked_for(tmp_path):
         hook.remove()
         assert trainer.amp_dtype == expected and seen and set(seen) == {expected}
         assert guard.counters["events"] == 0 and math.isfinite(trainer.state.output.loss)
+
+
+class AutocastProbe(torch.nn.Module):
+    """Stands in for the detector: records whether autocast is on for the inputs' device, and in which type."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[bool, torch.dtype]] = []
+
+    def forward(self, inputs: list[torch.Tensor], use_inferer: bool = False) -> list:
+        self.seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return []
+
+
+@pytest.mark.parametrize("bf16_cpu", [True, False])
+def test_validation_and_inference_autocast_on_a_cpu_only_where_it_runs_bf16(monkeypatch, bf16_cpu):
+    monkeypatch.setattr(evaluator, "cpu_runs_bf16", lambda: bf16_cpu)
+    probe, image = AutocastProbe(), [torch.zeros(1, 8, 8, 4)]
+    evaluator.DetectionInferer(amp=True)(image, probe)
+    evaluator.DetectionInferer(amp=False)(image, probe)
+    # amp_dtype names the type on CUDA; on a CPU the choice is bf16 or nothing
+    evaluator.DetectionInferer(amp=True, amp_dtype="float16")(image, probe)
+    assert probe.seen == [(bf16_cpu, torch.bfloat16), (False, torch.bfloat16), (bf16_cpu, torch.bfloat16)]
+
+
+def test_the_detector_under_bf16_autocast_finds_what_it_finds_in_fp32(monkeypatch):
+    monkeypatch.setattr(evaluator, "cpu_runs_bf16", lambda: True)
+    detector = tiny_detector()
+    detector.eval()
+    with torch.no_grad():  # every anchor scores about 0.5, so there are boxes to compare
+        detector.network.classification_head.cls_logits.bias.zero_()
+    image = [tiny_sample(0, shape=(64, 64, 32))["image"]]
+    dtypes: list[torch.dtype] = []
+    head = detector.network.classification_head
+    head.register_forward_hook(lambda module, args, out: dtypes.append(out[0].dtype))
+    with torch.no_grad():
+        fp32 = evaluator.DetectionInferer(amp=False)(image, detector)[0]
+        bf16 = evaluator.DetectionInferer(amp=True)(image, detector)[0]
+    assert dtypes[0] == torch.float32 and set(dtypes[1:]) == {torch.bfloat16}
+    assert bf16["box"].dtype == torch.float32 and torch.isfinite(bf16["box"]).all() and len(bf16["box"]) > 0
+    # bf16's best box is one that fp32 also scores among its best (scores to bf16's 3 significant digits)
+    best = bf16["label_scores"].argmax()
+    assert float(fp32["label_scores"].max()) == pytest.approx(float(bf16["label_scores"][best]), abs=1e-2)
+    near = fp32["box"][fp32["label_scores"] >= bf16["label_scores"][best] - 1e-2]
+    assert box_iou(bf16["box"][best : best + 1], near).max() > 0.5
+
+
+def test_the_configs_give_amp_to_the_inferer_and_the_evaluator_refuses_it():
+    assert parse("train.json", **{**TINY, "amp": True}).get_parsed_content("validate#inferer").amp
+    assert not parse("train.json", **TINY).get_parsed_content("validate#inferer").amp
+    assert parse("inference.json", **{**TINY, "amp": True}).get_parsed_content("inferer").amp
+    with pytest.raises(ValueError, match="give amp to its inferer"):
+        evaluator.DetectionEvaluator("cpu", val_data_loader=[], network=torch.nn.Identity(), amp=True)

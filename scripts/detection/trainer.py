@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from scripts.data.quarantine import image_path
 from scripts.detection.detector import ANCHOR_SCORE_NAMES, ANCHOR_SCORES, HEADS_FINITE
+from scripts.detection.precision import autocast_dtype
 from scripts.detection.step_report import EVENT_KINDS, StepReport, read_to_host
 from scripts.distributed import is_distributed
 
@@ -154,8 +155,7 @@ class StabilisedDetectionTrainer(Trainer):
         self.skip_nonfinite = skip_nonfinite
         self.params = [p for p in self.network.parameters() if p.requires_grad]
         self.buffers = list(self.network.buffers())
-        default_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-        self.amp_dtype = getattr(torch, amp_dtype) if amp_dtype else default_dtype
+        self.amp_dtype = autocast_dtype(device, amp_dtype)
         # MONAI's Trainer.run makes a new scaler per run, which would lose its state on resume: it is given instead
         self.scaler = scaler if amp else None
         self.loss_limit = math.inf

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from monai.inferers import Inferer
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from scripts.data.probe import diagnose
 from scripts.data.screening import ScreenedInputs
 from scripts.errors import describe
+from scripts.evaluation.evaluator import DetectionInferer
 from scripts.inference.io import DetectionWriter, Failure, image_name
 from scripts.inference.previews import PreviewSaver
 
@@ -84,10 +84,10 @@ class DetectionInference:
         inputs: the data check's verdict on the inputs (`scripts.data.screening.screen_inputs`): the refused ones are
             listed as failures.
         dataset: the usable inputs, loaded (an `InferenceDataset` of ``inputs.items``).
-        inferer: runs the detector on a list of whole images (`scripts.evaluation.evaluator.DetectionInferer`).
+        inferer: runs the detector on a list of whole images, in the precision it sets
+            (`scripts.evaluation.evaluator.DetectionInferer`).
         writer: keeps and writes the results and failures.
         device: where the images go.
-        amp: autocast on CUDA (as the evaluator does).
         previews: saves a picture per image (``None``: none).
         num_workers: processes that load the next images while the detector runs.
         progress: show a progress bar.
@@ -98,10 +98,9 @@ class DetectionInference:
         detector: torch.nn.Module,
         inputs: ScreenedInputs,
         dataset: InferenceDataset,
-        inferer: Inferer,
+        inferer: DetectionInferer,
         writer: DetectionWriter,
         device: torch.device | str,
-        amp: bool = False,
         previews: PreviewSaver | None = None,
         num_workers: int = 0,
         progress: bool = True,
@@ -112,14 +111,13 @@ class DetectionInference:
         self.inferer = inferer
         self.writer = writer
         self.device = torch.device(device)
-        self.amp = bool(amp) and self.device.type == "cuda"
         self.previews = previews
         self.num_workers = int(num_workers)
         self.progress = progress
 
     def predict(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """The detector's boxes (``xyzxyz``, image coordinates), labels and scores for one loaded image."""
-        with torch.no_grad(), torch.autocast(self.device.type, enabled=self.amp):
+        with torch.no_grad():
             return self.inferer([image.to(self.device)], self.detector)[0]
 
     def run(self) -> str:
@@ -127,6 +125,11 @@ class DetectionInference:
         for rejected in self.inputs.rejected:
             self.writer.fail(Failure.from_rejected(rejected))
         self.detector.eval()
+        dtype = self.inferer.autocast_type(self.device)
+        precision = (
+            "fp32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast (amp; --amp False: fp32)"
+        )
+        logger.info(f"inference on {self.device}, {precision}, {len(self.dataset)} images")
         loading = DataLoader(self.dataset, batch_size=1, num_workers=self.num_workers, collate_fn=_single)
         for loaded in tqdm(loading, desc="inference", unit="image", disable=not self.progress):
             if loaded.failure is not None:

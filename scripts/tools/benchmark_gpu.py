@@ -79,16 +79,17 @@ def profile(run: Callable[[list], float], batches: list[list]) -> dict[str, floa
     }
 
 
-def validation_seconds(trainer, shape: list[int], repeats: int = 3) -> float:
-    """Median seconds of one whole-volume detection (sliding window as configured) of a random volume."""
+def validation_seconds(trainer, inferer: Callable, shape: list[int], repeats: int = 3) -> float:
+    """Median seconds of one whole-volume detection by validation's ``inferer`` (sliding window and precision as
+    configured) of a random volume."""
     detector, device = trainer.detector, trainer.state.device
     detector.eval()
     volume = torch.rand((1, *shape), device=device)
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
-        with torch.no_grad(), torch.autocast(device.type, enabled=trainer.amp and device.type == "cuda"):
-            detector([volume], use_inferer=True)
+        with torch.no_grad():
+            inferer([volume], detector)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -186,7 +187,7 @@ def main() -> None:
     print("sync-type ops of the zoo's step:", dict(syncs["zoo"].counts.most_common(8)))
     print("sync-type ops of the guarded step:", dict(syncs["guarded"].counts.most_common(8)))
     if cuda:
-        val = validation_seconds(trainers["bare"], opts.val_shape)
+        val = validation_seconds(trainers["bare"], parser.get_parsed_content("validate#inferer"), opts.val_shape)
         print(f"whole-volume validation forward {opts.val_shape}: {val:.2f} s per volume")
     else:
         print("no GPU: kernel time, busy fraction, kernels and validation time were skipped")
