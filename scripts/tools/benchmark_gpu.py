@@ -15,8 +15,8 @@ alike (`scripts.tools.benchmark_guard`'s `build`, `make_batches` and `step`):
   assignment, no losses): the floor the detector's step can approach;
 - ``compiled`` (``--compile``, by default on a GPU only): ``bare`` with the network compiled
   (``detector#compile_network``; ``--compile_options``, else the config's options: ``{"mode": "reduce-overhead"}``
-  adds CUDA graphs); its first step, the compilation, is timed apart. The other arms run eagerly whatever the
-  config says.
+  adds CUDA graphs); its first step, the compilation, is timed apart, and where it fails the arm is dropped with
+  the error (``--compile on``: the error ends the run). The other arms run eagerly whatever the config says.
 
 It prints per arm the median and mean wall time per iteration and the sync-type ops per iteration (counted at the
 dispatcher, `SyncCounter`: a proxy of the host syncs on a GPU); the guard's overhead (guarded over bare, ratio of
@@ -143,8 +143,14 @@ def main() -> None:
         trainers[COMPILED] = build(parser, False, state, sync_free=True)[0]
         trainers[COMPILED].detector.set_compiled(opts.compile_options or configured or True)
         runs[COMPILED] = lambda b: step(trainers[COMPILED], None, b)
-        arms = (*ARMS, COMPILED)
-        print(f"compiled arm: first step (the compilation) {runs[COMPILED](batches[0]):.1f} s")
+        try:
+            print(f"compiled arm: first step (the compilation) {runs[COMPILED](batches[0]):.1f} s")
+            arms = (*ARMS, COMPILED)
+        except Exception as e:  # compiling has not met every GPU yet: by default, the other arms still get measured
+            if opts.compile == "on":
+                raise
+            print(f"compiled arm dropped, its first step failed: {type(e).__name__}: {e}")
+            del trainers[COMPILED], runs[COMPILED]
     times: dict[str, list[float]] = {arm: [] for arm in arms}
     for i, b in enumerate(batches):
         for arm in arms[i % len(arms) :] + arms[: i % len(arms)]:
