@@ -60,6 +60,8 @@ def test_inf_gradient_step_is_skipped_bitwise(tmp_path):
     assert seen.get("checked")
     assert guard.counters["skipped_steps"] == 1 and guard.counters["rollbacks"] == 0
     assert trainer.state.iteration == 8 and finite_weights(trainer.network)
+    # the loss was finite: the event names the gradient, not a loss spike
+    assert [(e["kind"], e["what"]) for e in guard.log.events] == [("grad", "non-finite grad")]
 
 
 @pytest.mark.parametrize(

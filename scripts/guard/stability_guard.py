@@ -210,8 +210,9 @@ class StabilityGuard:
             self._record(engine, "weights", report, "rolling back", "non-finite weights")
             self._recover(engine, "the weights became non-finite")
             return
-        what = f"loss spike (above {engine.loss_limit:.3g})" if math.isfinite(report.loss) else None
-        self._record(engine, report.event, report, "step skipped", what or f"non-finite {report.event}")
+        spike = report.event == "loss" and math.isfinite(report.loss)  # a finite loss that the limit refused
+        what = f"loss spike (above {engine.loss_limit:.3g})" if spike else f"non-finite {report.event}"
+        self._record(engine, report.event, report, "step skipped", what)
         if self.consecutive >= self.patience and self.steps_since_restore > 0:
             self._recover(engine, f"{self.consecutive} consecutive refused steps")
         elif self.consecutive >= self.max_refused_in_a_row:  # from the last good state: rolling back cannot help
