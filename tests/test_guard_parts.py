@@ -142,7 +142,11 @@ def test_guard_log_writes_events_searches_report_and_checkpoint(tmp_path):
     assert report["lr_searches"][0]["chosen_lr"] == 0.01 and report["lr_searches"][0]["trials"][0]["failed"]
     log.save_checkpoint({"network": {"w": torch.ones(2)}})
     assert torch.equal(torch.load(tmp_path / "models" / "last_good.pt")["network"]["w"], torch.ones(2))
-    assert "non-finite grad at epoch 1 iteration 3" in event.line()
+    assert "non-finite grad at epoch 1 iteration 3" in event.line() and event.line().endswith("step skipped; batch: a")
+    bad_input = GuardEvent(
+        iteration=4, epoch=1, kind="input", action="step skipped", what="non-finite input", files=("/b",)
+    )
+    assert bad_input.line().endswith("step skipped; files: b")
     silent = GuardLog(None, None)  # another DDP rank: records, writes nothing
     silent.record(event)
     assert silent.write_report({}) is None and silent.save_checkpoint({}) is None

@@ -36,7 +36,8 @@ class GuardEvent:
         what: the finding in words (``non-finite grad``, ``update ratio 0.047``, ...).
         loss, loss_cls, loss_reg, grad_norm: of the iteration.
         lr: the learning rate the iteration ran with.
-        files: the image files held responsible (merged over the DDP ranks).
+        files: the image files held responsible (merged over the DDP ranks): those with non-finite voxels for an
+            ``input`` event, the batch's for the other refused steps, none for an applied step.
         update_ratio: the update ratio, for ``update`` events.
         positive_score: the learning signal of the iteration.
     """
@@ -58,10 +59,12 @@ class GuardEvent:
 
     def line(self) -> str:
         """The console line of the event."""
-        names = ", ".join(os.path.basename(f) for f in self.files) or "-"
+        names = ", ".join(os.path.basename(f) for f in self.files)
+        # an input event names the files with non-finite voxels; any other lists the batch, not a culprit
+        where = f"; files: {names or '-'}" if self.kind == "input" else (f"; batch: {names}" if names else "")
         return (
             f"guard: {self.what} at epoch {self.epoch} iteration {self.iteration} (loss {self.loss:.4g}, grad norm "
-            f"{self.grad_norm:.4g}, lr {self.lr:.3g}); {self.action}; files: {names}"
+            f"{self.grad_norm:.4g}, lr {self.lr:.3g}); {self.action}{where}"
         )
 
 
