@@ -26,7 +26,7 @@ def cuda_trainer(tmp_path, epochs: int, guard_kwargs: dict | None = None, loader
 
 def test_fp16_overflow_is_absorbed_by_the_scaler(tmp_path):
     trainer, guard = cuda_trainer(tmp_path, epochs=6)
-    assert trainer.scaler is not None and trainer.amp_dtype == torch.float16
+    assert trainer.scaler is not None and trainer.autocast_type == torch.float16
     # a loss scale of 2**28 overflows fp16 activation gradients (max 65504) until the scaler has halved it enough
     trainer.scaler._init_scale = 2.0**28
     records = []

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from scripts.data.quarantine import image_path
 from scripts.detection.detector import ANCHOR_SCORE_NAMES, ANCHOR_SCORES, HEADS_FINITE
-from scripts.detection.precision import autocast_dtype
+from scripts.detection.precision import autocast_type, precision_name
 from scripts.detection.step_report import EVENT_KINDS, StepReport, read_to_host
 from scripts.distributed import is_distributed
 
@@ -91,8 +91,9 @@ class StabilisedDetectionTrainer(Trainer):
         grad_clip_norm: clip the global gradient L2 norm to this value (``None`` or 0: no clipping).
         skip_nonfinite: refuse non-finite steps and report them (``False``: behave like the model-zoo trainer,
             where the heads' ValueError ends the run and every step is applied).
-        amp: mixed precision: fp16 autocast on CUDA (with ``scaler``), bf16 autocast on CPU.
-        amp_dtype: the autocast type instead (``"float16"`` or ``"bfloat16"``; bf16 on CUDA needs no GradScaler and
+        amp: mixed precision, in the type `scripts.detection.precision.autocast_type` gives: fp16 autocast on CUDA
+            (with ``scaler``), bf16 on a CPU with bf16 instructions, none (fp32) on other CPUs.
+        amp_dtype: the autocast type on CUDA instead (``"float16"`` or ``"bfloat16"``; bf16 needs no GradScaler and
             cannot overflow the way fp16 does); ``None``: as ``amp`` says.
         scaler: the GradScaler of fp16 training (``None``: none; give one when ``amp`` is on and the device is CUDA).
         train_handlers: ignite handlers with ``attach(engine)``.
@@ -155,12 +156,15 @@ class StabilisedDetectionTrainer(Trainer):
         self.skip_nonfinite = skip_nonfinite
         self.params = [p for p in self.network.parameters() if p.requires_grad]
         self.buffers = list(self.network.buffers())
-        self.amp_dtype = autocast_dtype(device, amp_dtype)
+        self.autocast_type = autocast_type(device, amp, amp_dtype)
         # MONAI's Trainer.run makes a new scaler per run, which would lose its state on resume: it is given instead
         self.scaler = scaler if amp else None
         self.loss_limit = math.inf
         self.world_size = 1
         self.add_event_handler(Events.STARTED, lambda engine: engine._broadcast_state())
+        self.add_event_handler(
+            Events.STARTED, lambda engine: logger.info(f"training in {precision_name(engine.autocast_type, amp)}")
+        )
 
     def run(self) -> None:  # type: ignore[override]
         """Run training with the GradScaler given at construction."""
@@ -187,9 +191,9 @@ class StabilisedDetectionTrainer(Trainer):
         raise e
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if not self.amp:
+        if self.autocast_type is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.state.device.type, dtype=self.amp_dtype)
+        return torch.autocast(self.state.device.type, dtype=self.autocast_type)
 
     def _forward_loss(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor] | None:
         """Detector losses under autocast, or ``None`` when a head raised its ``NaN or Inf`` ValueError."""

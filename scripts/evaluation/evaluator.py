@@ -9,7 +9,7 @@ import torch
 from monai.engines import SupervisedEvaluator
 from monai.inferers import Inferer
 
-from scripts.detection.precision import autocast_dtype, cpu_runs_bf16
+from scripts.detection.precision import autocast_type
 
 __all__ = ["DetectionInferer", "DetectionEvaluator", "detection_prepare_val_batch"]
 
@@ -30,8 +30,9 @@ class DetectionInferer(Inferer):
     Runs a `RetinaNetDetector` in evaluation mode with its sliding-window inferer on whole volumes.
 
     Args:
-        amp: autocast: fp16 on CUDA, and bf16 on a CPU with bf16 instructions (`cpu_runs_bf16`: about half the
-            network's time there); fp32 on other CPUs (MONAI's evaluators autocast on CUDA only).
+        amp: autocast as `scripts.detection.precision.autocast_type` says: fp16 on CUDA, bf16 on a CPU with bf16
+            instructions (about half the network's time there), fp32 on other CPUs (MONAI's evaluators autocast on
+            CUDA only).
         amp_dtype: the autocast type on CUDA instead of fp16 (``"bfloat16"``; train.json's ``amp_dtype``).
     """
 
@@ -40,11 +41,7 @@ class DetectionInferer(Inferer):
 
     def autocast_type(self, device: torch.device) -> torch.dtype | None:
         """The type the detector runs in on ``device`` under autocast (``None``: no autocast, fp32)."""
-        if not self.amp:
-            return None
-        if device.type == "cuda":
-            return autocast_dtype(device, self.amp_dtype)
-        return torch.bfloat16 if device.type == "cpu" and cpu_runs_bf16() else None
+        return autocast_type(device, self.amp, self.amp_dtype)
 
     def __call__(self, inputs: list[torch.Tensor], network: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         device = inputs[0].device

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from scripts.data.probe import diagnose
 from scripts.data.screening import ScreenedInputs
+from scripts.detection.precision import precision_name
 from scripts.errors import describe
 from scripts.evaluation.evaluator import DetectionInferer
 from scripts.inference.io import DetectionWriter, Failure, image_name
@@ -125,10 +126,7 @@ class DetectionInference:
         for rejected in self.inputs.rejected:
             self.writer.fail(Failure.from_rejected(rejected))
         self.detector.eval()
-        dtype = self.inferer.autocast_type(self.device)
-        precision = (
-            "fp32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast (amp; --amp False: fp32)"
-        )
+        precision = precision_name(self.inferer.autocast_type(self.device), self.inferer.amp)
         logger.info(f"inference on {self.device}, {precision}, {len(self.dataset)} images")
         loading = DataLoader(self.dataset, batch_size=1, num_workers=self.num_workers, collate_fn=_single)
         for loaded in tqdm(loading, desc="inference", unit="image", disable=not self.progress):

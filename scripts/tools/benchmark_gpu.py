@@ -39,6 +39,7 @@ from collections.abc import Callable
 
 import torch
 
+from scripts.detection.precision import precision_name
 from scripts.tools.benchmark_guard import build, make_batches, read_configs, step
 from scripts.tools.benchmark_inference import compare
 from scripts.tools.sync_count import SyncCounter
@@ -163,7 +164,7 @@ def main() -> None:
             runs[arm](batches[0])
         syncs[arm] = counter
     device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    precision = f"amp {guarded.amp} ({guarded.amp_dtype})" if guarded.amp else "fp32"
+    precision = precision_name(guarded.autocast_type, guarded.amp)
     print(f"{device}; torch {torch.__version__}; {precision}; patch {patch}, batch {batch_size}; {opts.config_file}")
     print(f"rounds {opts.rounds} (+{opts.warmup} warm-up), arms in rotating order")
     kernels = {arm: profile(runs[arm], batches[: opts.profile_rounds]) for arm in arms} if cuda else {}
