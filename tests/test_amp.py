@@ -14,6 +14,7 @@ from monai.data.box_utils import box_iou
 
 from scripts.detection import precision
 from scripts.evaluation import evaluator
+from scripts.tools import fault_matrix
 
 
 def test_bf16_on_cuda_needs_no_grad_scaler():
@@ -105,3 +106,13 @@ def test_the_configs_give_amp_to_the_inferer_and_the_evaluator_refuses_it():
     assert parse("inference.json", **{**TINY, "amp": True}).get_parsed_content("inferer").amp
     with pytest.raises(ValueError, match="give amp to its inferer"):
         evaluator.DetectionEvaluator("cpu", val_data_loader=[], network=torch.nn.Identity(), amp=True)
+
+
+@pytest.mark.parametrize("bf16_cpu", [True, False])
+def test_the_fault_matrix_runs_its_amp_row_wherever_amp_autocasts(monkeypatch, bf16_cpu):
+    monkeypatch.setattr(precision, "cpu_runs_bf16", lambda: bf16_cpu)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rows = {f.name: f.runs_here() for f in fault_matrix._faults(0.01, 0.001, iterations=100)}
+    assert rows["healthy sgd, amp"] is bf16_cpu
+    assert rows["fp16 overflow, 10-iteration burst"] is False  # a GradScaler's fault: CUDA only
+    assert rows["healthy sgd"] and rows["nan voxel, data_check off"]

@@ -8,7 +8,8 @@ wall time) to ``--out``.
 
 A benchmark, not a test: with the demo recipe each run takes minutes on a CPU (``--faults`` picks a subset). The
 phantom set is generated with a seed and shape of your choosing (not the bundle's default data), or given with
-``--data``. The fp16 overflow fault runs only where CUDA is available.
+``--data``. The fp16 overflow fault runs only where CUDA is available; the healthy ``amp`` run there or on a CPU with
+bf16 instructions (in bf16 autocast).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from scripts.data.phantoms import generate_dataset
+from scripts.detection.precision import autocast_type
 from scripts.json_io import write_json
 
 __all__ = ["FAULTS", "Fault", "Outcome", "main"]
@@ -46,7 +48,13 @@ class Fault:
     baseline: str
     overrides: dict[str, Any] = field(default_factory=dict)
     data: str = "clean"  # "clean" or "nan_voxel" (one training image with a NaN voxel)
-    needs_cuda: bool = False
+    needs: str = "cpu"  # "cuda": fp16 with a GradScaler; "autocast": CUDA, or a CPU with bf16 instructions
+
+    def runs_here(self) -> bool:
+        """Whether this machine has what the row needs."""
+        if self.needs == "cpu" or torch.cuda.is_available():
+            return True
+        return self.needs == "autocast" and autocast_type(torch.device("cpu"), amp=True) is not None
 
 
 @dataclass(frozen=True)
@@ -125,9 +133,9 @@ def _faults(sgd_lr: float, adamw_lr: float, iterations: int) -> list[Fault]:
                 "amp": True,
                 "train#extra_handlers#fault": fp16_burst,
             },
-            needs_cuda=True,
+            needs="cuda",
         ),
-        Fault("healthy sgd, amp", "healthy sgd, amp", {**sgd, "learning_rate": sgd_lr, "amp": True}, needs_cuda=True),
+        Fault("healthy sgd, amp", "healthy sgd, amp", {**sgd, "learning_rate": sgd_lr, "amp": True}, needs="autocast"),
     ]
     for opt, lr, name in ((sgd, sgd_lr, "sgd"), (adamw, adamw_lr, "adamw")):  # the LR check meets the warm-up
         healthy = f"healthy {name}, 10-epoch warm-up"
@@ -254,8 +262,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     every_fault = _faults(args.sgd_lr, args.adamw_lr, args.epochs * num_train)
     chosen = set(args.faults or FAULTS)
     chosen |= {f.baseline for f in every_fault if f.name in chosen}
-    cuda = torch.cuda.is_available()
-    faults = [f for f in every_fault if f.name in chosen and (cuda or not f.needs_cuda)]
+    faults = [f for f in every_fault if f.name in chosen and f.runs_here()]
     common = {"epochs": args.epochs, "val_interval": args.val_interval}
     outcomes: dict[str, Outcome] = {}
     results = os.path.join(args.out, "matrix.json")
@@ -271,7 +278,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         outcomes[fault.name] = run_fault(fault, fault_data, args.out, args.configs, common)
         print(f"{fault.name}: {asdict(outcomes[fault.name])}", flush=True)
         write_json(results, {k: asdict(v) for k, v in outcomes.items()})
-    device = torch.cuda.get_device_name() if cuda else f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    )
     text = table(every_fault, outcomes)  # the whole matrix so far, not only this call's subset
     header = f"data {data}, configs {args.configs}, {args.epochs} epochs, {device}"
     with open(os.path.join(args.out, "matrix.md"), "w") as f:
