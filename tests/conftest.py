@@ -74,14 +74,15 @@ def make_trainer(
 ):
     """
     A guarded `StabilisedDetectionTrainer` of the tiny detector (SGD-Nesterov, constant LR after ``warmup_iters``) on
-    ``device``, with a GradScaler under AMP on CUDA. The default LR is one the guard's LR check confirms for the tiny
-    network (its paired trials find 0.01 too high for it).
+    ``device``, with a GradScaler under fp16 AMP on CUDA. The default LR is one the guard's LR check confirms for the
+    tiny network (its paired trials find 0.01 too high for it).
     """
     detector = tiny_detector()
     detector.network.to(device)
     optimizer = torch.optim.SGD(detector.network.parameters(), lr=lr, momentum=0.9, nesterov=True)
     scheduler = WarmupDecayLR(optimizer, warmup_iters=warmup_iters, total_iters=100, decay="step", step_iters=1000)
-    scaler = torch.amp.GradScaler("cuda") if amp and torch.device(device).type == "cuda" else None
+    fp16 = amp and torch.device(device).type == "cuda" and kw.get("amp_dtype") in (None, "float16")  # as train.json
+    scaler = torch.amp.GradScaler("cuda") if fp16 else None
     quarantine = quarantine if quarantine is not None else Quarantine(str(tmp_path / "quarantine.json"))
     guard = StabilityGuard(
         detector.network,

@@ -1,7 +1,7 @@
 """
-GPU-only behaviour: the stabilised step under AMP fp16 with a GradScaler, pinned MetaTensor batches copied without
-blocking, the compiled step (with and without CUDA graphs), and sliding-window outputs stitched on the GPU. Skipped
-without CUDA (CI has none).
+GPU-only behaviour: the stabilised step under AMP fp16 with a GradScaler and under bf16 without one, pinned
+MetaTensor batches copied without blocking, the compiled step (with and without CUDA graphs), and sliding-window
+outputs stitched on the GPU. Skipped without CUDA (CI has none).
 """
 
 from __future__ import annotations
@@ -54,6 +54,16 @@ def test_fp16_overflow_is_absorbed_by_the_scaler(tmp_path):
         records[0]["before"]["network"]["classification_head.cls_logits.weight"],
         trainer.network.classification_head.cls_logits.weight,
     )
+
+
+def test_bf16_training_runs_the_heads_in_bf16_without_a_scaler(tmp_path):
+    trainer, guard = make_trainer(tmp_path, epochs=2, device="cuda", amp=True, amp_dtype="bfloat16")
+    seen: list[torch.dtype] = []
+    trainer.network.classification_head.register_forward_hook(lambda module, args, out: seen.append(out[0].dtype))
+    trainer.run()
+    assert trainer.scaler is None and trainer.autocast_type == torch.bfloat16 and set(seen) == {torch.bfloat16}
+    assert guard.counters["events"] == 0 and math.isfinite(trainer.state.output.loss)
+    assert finite_weights(trainer.network)
 
 
 def test_repeated_fp16_overflow_escalates(tmp_path):
