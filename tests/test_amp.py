@@ -51,8 +51,42 @@ def test_the_autocast_type_on_cuda_is_fp16_or_the_one_asked_for():
     assert precision.autocast_type(cuda, True) == torch.float16
     assert precision.autocast_type(cuda, True, "bfloat16") == torch.bfloat16
     assert precision.autocast_type(cuda, False, "bfloat16") is None
-    assert precision.precision_name(torch.bfloat16, True) == "bfloat16 autocast (amp; --amp False: fp32)"
-    assert precision.precision_name(None, True).startswith("fp32 (amp on, but this CPU has no bf16")
+    assert precision.precision_name(torch.bfloat16, True, cuda) == "bfloat16 autocast (amp; --amp False: fp32)"
+    assert precision.precision_name(None, False, cuda) == "fp32"
+    mps = torch.device("mps")
+    assert precision.autocast_type(mps, True) is None
+    assert precision.precision_name(None, True, mps).endswith("not on mps)")
+
+
+@pytest.mark.parametrize(
+    "cap, bf16",
+    [(None, True), ("AVX2", False), ("avx512_core_vnni", False), ("AVX512_CORE_BF16", True), ("ALL", True)],
+)
+def test_onednn_held_below_bf16_means_fp32(monkeypatch, cap, bf16):
+    # with ONEDNN_MAX_CPU_ISA=AVX2 on this bf16 CPU, a bf16 ResNet50 step took 30.5 s against 0.74 s in fp32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    cpu = torch.device("cpu")
+    assert precision.cpu_runs_bf16() is bf16
+    assert precision.autocast_type(cpu, True) == (torch.bfloat16 if bf16 else None)
+    said = precision.precision_name(precision.autocast_type(cpu, True), True, cpu)
+    assert said == (
+        "bfloat16 autocast (amp; --amp False: fp32)"
+        if bf16
+        else f"fp32 (amp on, but ONEDNN_MAX_CPU_ISA={cap.upper()} holds oneDNN below bf16)"
+    )
+
+
+def test_a_cpu_without_bf16_instructions_is_named(monkeypatch):
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+    cpu = torch.device("cpu")
+    assert precision.autocast_type(cpu, True) is None
+    assert precision.precision_name(None, True, cpu) == "fp32 (amp on, but this CPU has no bf16 instructions)"
 
 
 class AutocastProbe(torch.nn.Module):

@@ -163,7 +163,8 @@ class StabilisedDetectionTrainer(Trainer):
         self.world_size = 1
         self.add_event_handler(Events.STARTED, lambda engine: engine._broadcast_state())
         self.add_event_handler(
-            Events.STARTED, lambda engine: logger.info(f"training in {precision_name(engine.autocast_type, amp)}")
+            Events.STARTED,
+            lambda engine: logger.info(f"training in {precision_name(engine.autocast_type, amp, device)}"),
         )
 
     def run(self) -> None:  # type: ignore[override]

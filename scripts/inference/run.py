@@ -126,7 +126,7 @@ class DetectionInference:
         for rejected in self.inputs.rejected:
             self.writer.fail(Failure.from_rejected(rejected))
         self.detector.eval()
-        precision = precision_name(self.inferer.autocast_type(self.device), self.inferer.amp)
+        precision = precision_name(self.inferer.autocast_type(self.device), self.inferer.amp, self.device)
         logger.info(f"inference on {self.device}, {precision}, {len(self.dataset)} images")
         loading = DataLoader(self.dataset, batch_size=1, num_workers=self.num_workers, collate_fn=_single)
         for loaded in tqdm(loading, desc="inference", unit="image", disable=not self.progress):

@@ -164,7 +164,7 @@ def main() -> None:
             runs[arm](batches[0])
         syncs[arm] = counter
     device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    precision = precision_name(guarded.autocast_type, guarded.amp)
+    precision = precision_name(guarded.autocast_type, guarded.amp, guarded.state.device)
     print(f"{device}; torch {torch.__version__}; {precision}; patch {patch}, batch {batch_size}; {opts.config_file}")
     print(f"rounds {opts.rounds} (+{opts.warmup} warm-up), arms in rotating order")
     kernels = {arm: profile(runs[arm], batches[: opts.profile_rounds]) for arm in arms} if cuda else {}
