@@ -389,3 +389,48 @@ def test_sync_counter_counts_the_sync_ops():
         x.topk(3)
     assert count.counts == {"_local_scalar_dense": 1, "nonzero": 1, "index": 1, "masked_select": 1, "_unique2": 1}
     assert count.total == 5
+
+
+@pytest.mark.parametrize("sync_free", [True, False], ids=["sync_free", "monai"])
+def test_the_full_recipe_forward_runs_on_a_cuda_device_without_reading_it(sync_free):
+    """
+    No GPU needed: under `FakeTensorMode` a ``cuda`` tensor has a device, a shape and a type but no values, so an op
+    that reads values on the host (``item``, ``nonzero``, boolean masks, ``numpy``: the host syncs of a GPU) raises,
+    and so does a host tensor mixed into device arithmetic. train.json's detector (ResNet50-FPN) at its patch and
+    batch (192x192x80, 4), with crops holding several boxes, a box at the border and no box; MONAI's path reads the
+    boxes on the host and fails here, which shows the check can.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from scripts.tools.count_train_syncs import build_detector
+
+    detector = build_detector(tiny=False)
+    detector.set_sync_free(sync_free)
+    detector.train()
+    shape = (192, 192, 80)
+    boxes = [
+        [[20.0, 30.0, 10.0, 32.0, 41.0, 18.0], [100.0, 90.0, 40.0, 140.0, 120.0, 70.0]],
+        [[0.0, 0.0, 0.0, 12.0, 9.0, 6.0]],  # at the crop's corner
+        [],
+        [[150.0, 170.0, 60.0, 192.0, 192.0, 80.0]],  # at the opposite border
+    ]
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        detector.to("cuda")
+        images = [torch.rand(1, *shape, device="cuda") for _ in boxes]
+        targets = [
+            {
+                "box": torch.tensor(b, device="cuda").reshape(-1, 6),
+                "label": torch.zeros(len(b), dtype=torch.long, device="cuda"),
+            }
+            for b in boxes
+        ]
+        if not sync_free:
+            with pytest.raises(RuntimeError):
+                detector(images, targets)
+            return
+        losses = detector(images, targets)
+    for key in ("classification", "box_regression", "heads_finite", *losses[ANCHOR_SCORES]):
+        value = losses[key] if key in losses else losses[ANCHOR_SCORES][key]
+        assert value.device == torch.device("cuda", 0) and value.shape == (), key
+    assert losses["classification"].dtype == losses["box_regression"].dtype == torch.float32
+    assert losses["heads_finite"].dtype == torch.bool
