@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 
 import monai
 import pytest
 import torch
-from conftest import make_trainer, poison_gradients
+from conftest import make_trainer, poison_gradients, tiny_sample
 from ignite.engine import Events
+from monai.data import Dataset
+from monai.data.utils import no_collation
 from monai.handlers import MLFlowHandler
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -101,3 +104,19 @@ def test_run_cost_says_once_how_long_the_run_will_take(caplog):
     estimate = [r for r in lines if "per iteration" in r.getMessage()]
     assert len(estimate) == 1 and estimate[0].levelname == "WARNING"  # once; and on a CPU, the demo command
     assert "configs/demo.json" in estimate[0].getMessage()
+
+
+def test_the_console_line_of_a_batch_without_nodule_says_so_instead_of_nan(tmp_path, caplog):
+    # a crop without a box has no positive anchor to score: its score gap is NaN in the CSV, never "nan" on the console
+    empty = {**tiny_sample(0), "box": torch.zeros((0, 6)), "label": torch.zeros(0, dtype=torch.long)}
+    loader = torch.utils.data.DataLoader(Dataset([empty, tiny_sample(1)]), batch_size=1, collate_fn=no_collation)
+    trainer, guard = make_trainer(tmp_path, epochs=1, loader=loader)
+    TrainingMonitor(log_every=1, csv_path=str(tmp_path / "log.csv"), progress=False, guard=guard).attach(trainer)
+    with caplog.at_level("INFO", logger="scripts.guard.monitor"):
+        trainer.run()
+    lines = [r.getMessage() for r in caplog.records if r.name == "scripts.guard.monitor"]
+    assert len(lines) == 2 and "nan" not in lines[0].lower(), lines
+    assert lines[0].endswith("score gap - (no nodule in the batch) guard events 0 skipped 0 rollbacks 0")
+    assert re.search(r"score gap -?[0-9]", lines[1]), lines[1]
+    rows = list(csv.DictReader((tmp_path / "log.csv").open()))
+    assert math.isnan(float(rows[0]["score_gap"])) and math.isfinite(float(rows[1]["score_gap"]))

@@ -140,11 +140,14 @@ class TrainingMonitor:
             )
             self.bar.update(1)
         if values["event"] or (self.log_every and step % self.log_every == 0):
+            gap = values["score_gap"]
+            # a batch whose crops hold no nodule has no positive anchor to score: no gap, and nothing wrong
+            gap = f"{gap:.3g}" if math.isfinite(gap) else "-" if values["event"] else "- (no nodule in the batch)"
             line = (
                 f"epoch {values['epoch']} it {step}: loss {values['loss']:.4g} (cls {values['loss_cls']:.4g}, "
                 f"reg {values['loss_reg']:.4g}) grad norm {values['grad_norm']:.4g} "
                 f"weight norm {values['weight_norm']:.4g} lr {values['lr']:.3g} amp scale {values['amp_scale']:.3g} "
-                f"score gap {values['score_gap']:.3g}"
+                f"score gap {gap}"
             )
             if self.guard is not None:
                 line += (
