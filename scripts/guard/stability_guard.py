@@ -79,7 +79,8 @@ class StabilityGuard:
             host copy in the loop), ``"cpu"`` in host memory (when device memory is short).
         quarantine_after: events a file must take part in before it is quarantined (0: never).
         max_loss_growth: the loss-spike factor, for single steps and for window means.
-        max_update_ratio: the update ratio per step above which the run rolls back (0: no check).
+        max_update_ratio: the update ratio per step above which the run rolls back (0: no check); the default is ten
+            times the 1e-3 per step of a healthy SGD run (the usual rule of thumb, and what the recipe shows).
         amp_overflow_patience: consecutive fp16 overflows the GradScaler absorbs before they count as an event.
         lr_search: search the LR after rollbacks, at the end of the warm-up, on stalls and for growth (``False``:
             back off by ``lr_backoff`` and never grow).
@@ -116,7 +117,7 @@ class StabilityGuard:
         snapshot_device: str | None = None,
         quarantine_after: int = 2,
         max_loss_growth: float = 10.0,
-        max_update_ratio: float = 0.02,
+        max_update_ratio: float = 0.01,
         amp_overflow_patience: int = 20,
         lr_search: bool = True,
         search_iters: int = 16,
