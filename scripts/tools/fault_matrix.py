@@ -109,6 +109,18 @@ def _faults(sgd_lr: float, adamw_lr: float, iterations: int) -> list[Fault]:
     faults += [
         Fault("sgd lr x10", "healthy sgd", {**sgd, "learning_rate": sgd_lr * 10}),
         Fault("sgd lr x10, unguarded", "healthy sgd", {**sgd, "learning_rate": sgd_lr * 10, "guard#enabled": False}),
+        Fault("adamw lr x10", "healthy adamw", {**adamw, "learning_rate": adamw_lr * 10}),
+        # AdamW's first steps move every weight by about the LR: at twice the recipe's, past the update-ratio limit
+        Fault(
+            "adamw lr x2, no warm-up",
+            "healthy adamw, no warm-up",
+            {**adamw, **no_warmup, "learning_rate": adamw_lr * 2},
+        ),
+        Fault(
+            "adamw lr x2, no warm-up, unguarded",
+            "healthy adamw, no warm-up",
+            {**adamw, **no_warmup, **unguarded, "learning_rate": adamw_lr * 2},
+        ),
         Fault(
             "nan voxel, data_check off",
             "healthy sgd",
