@@ -66,10 +66,11 @@ def test_inf_gradient_step_is_skipped_bitwise(tmp_path):
 
 @pytest.mark.parametrize(
     "bad_iteration, restored_iteration",
-    [(7, 0), (11, 8)],  # before the LR check of iteration 8 a rollback goes to the run's first state
+    # until the LR check of iteration 8 and the first snapshot after it (12) a rollback goes to the run's first state
+    [(7, 0), (11, 0), (15, 12)],
 )
 def test_nan_weights_roll_back_exactly_and_keep_the_lr(tmp_path, bad_iteration, restored_iteration):
-    trainer, guard = make_trainer(tmp_path, epochs=3, guard_kwargs={"snapshot_every": 4})
+    trainer, guard = make_trainer(tmp_path, epochs=4, guard_kwargs={"snapshot_every": 4})
     seen = {}
 
     @trainer.on(Events.ITERATION_STARTED)
@@ -98,7 +99,7 @@ def test_nan_weights_roll_back_exactly_and_keep_the_lr(tmp_path, bad_iteration, 
     assert seen.get("checked")
     assert guard.counters["rollbacks"] == 1 and guard.counters["weights_nonfinite"] == 1
     assert guard.log.events[0]["kind"] == "weights" and guard.lr.scale == 1.0
-    assert finite_weights(trainer.network) and trainer.state.epoch == 3
+    assert finite_weights(trainer.network) and trainer.state.epoch == 4
 
 
 def test_a_fault_that_comes_back_at_the_kept_lr_lowers_it(tmp_path):

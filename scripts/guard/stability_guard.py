@@ -50,10 +50,10 @@ class StabilityGuard:
       (they are quarantined) and nothing else. ``patience`` other events in a row, non-finite weights, or weights
       that moved more than ``max_update_ratio`` of their norm per step, roll back to the last good snapshot.
     - The LR the run goes on with is `LRPolicy`'s decision (`scripts.guard.lr_policy`), asked after a rollback,
-      once when the schedule reaches its peak (the LR check at the end of the warm-up; until then a rollback goes
-      to the run's first state, and so does a restart the check decides), on a stall and every ``growth_interval``
-      healthy iterations at a reduced LR. Every change of the LR is logged with its reason and summed up, asked
-      against used, at the end of the run and in the report.
+      once when the schedule reaches its peak (the LR check at the end of the warm-up; until then, and until the
+      first window after it is snapshotted, a rollback goes to the run's first state, and so does a restart the
+      check decides), on a stall and every ``growth_interval`` healthy iterations at a reduced LR. Every change of
+      the LR is logged with its reason and summed up, asked against used, at the end of the run and in the report.
     - The snapshot is refreshed every ``snapshot_every`` steps while the window had no event, the loss did not grow
       ``max_loss_growth`` times and the detector's score gap did not collapse (`LearningSignal`). A gap collapsed
       for ``stall_windows`` windows is a stall.
@@ -162,7 +162,7 @@ class StabilityGuard:
         self.window = StepWindow(snapshot_every, max_loss_growth)
         self.snapshot_loss: float | None = None
         self.update_ratio = math.nan
-        self.anchor: Snapshot | None = None  # the run's first state, until its LR has been checked
+        self.anchor: Snapshot | None = None  # the run's first state, until a window after the LR check is kept
         self.lr_checked = False
         self.verdict = Verdict(best=None, learned=None)  # did the detector learn: judged when the run completes
 
@@ -226,7 +226,7 @@ class StabilityGuard:
         self.lr_policy.remember(engine.state.batch)
         if self.window.applied(report) and not self._end_window(engine, report):
             return
-        if self.anchor is not None and self.lr_policy.ready_to_check() and self.lr.warmup_done():
+        if not self.lr_checked and self.lr_policy.ready_to_check() and self.lr.warmup_done():
             self._check_lr(engine)
         elif self.lr_policy.due_for_growth(engine.state.iteration):
             self._grow(engine)
@@ -247,6 +247,8 @@ class StabilityGuard:
         if window.clean and math.isfinite(mean_loss) and not grew and not self.learning.collapsed():
             self.snapshot.take(engine.state.iteration, network_state)
             self.snapshot_loss, self.steps_since_snapshot = mean_loss, 0
+            if self.lr_checked:  # the check's trials ran on a copy: the first window at the checked LR confirms it
+                self.anchor = None
         elif self.learning.stalled():
             return self._stall(engine, report)
         return True
@@ -278,7 +280,8 @@ class StabilityGuard:
         """
         When the schedule reaches its peak, the LR check (`LRPolicy.check`): a run whose peak LR holds goes on
         untouched; one that does not restarts from its first state (the warm-up at too high an LR may have damaged
-        the detector for good without any event).
+        the detector for good without any event). The first state is kept until a window after the check is
+        snapshotted: an LR that passes its trials and then moves the weights too fast in the run rolls back to it.
         """
         anchor, start = self.anchor, self.lr.peak_lr()
         decision = self._searched(
@@ -290,7 +293,7 @@ class StabilityGuard:
             logger.warning(f"guard: LR {start:.3g} too high: restarted after iteration {anchor.iteration}")
         elif decision.search is not None and decision.search.changed:  # the search's line names another LR
             logger.warning(f"guard: LR check: the recipe's peak LR {start:.3g} is kept (it trains: it did not fail)")
-        self.anchor, self.lr_checked = None, True
+        self.lr_checked = True
 
     def _stall(self, engine: Engine, report: StepReport) -> bool:
         """The detector stopped separating nodules from background; ``False`` when a smaller LR cured it."""
