@@ -109,7 +109,7 @@ def _faults(sgd_lr: float, adamw_lr: float, iterations: int) -> list[Fault]:
     faults += [
         Fault("sgd lr x5", "healthy sgd", {**sgd, "learning_rate": sgd_lr * 5}),
         Fault("sgd lr x10", "healthy sgd", {**sgd, "learning_rate": sgd_lr * 10}),
-        Fault("sgd lr x10, unguarded", "healthy sgd", {**sgd, "learning_rate": sgd_lr * 10, "guard#enabled": False}),
+        Fault("sgd lr x10, unguarded", "healthy sgd", {**sgd, **unguarded, "learning_rate": sgd_lr * 10}),
         Fault("adamw lr x10", "healthy adamw", {**adamw, "learning_rate": adamw_lr * 10}),
         # AdamW's first steps move every weight by about the LR: at twice the recipe's, past the update-ratio limit
         Fault(
