@@ -70,19 +70,23 @@ def make_trainer(
     handlers=(),
     amp=False,
     warmup_iters=0,
+    fp16_on_cpu=False,
     **kw,
 ):
     """
     A guarded `StabilisedDetectionTrainer` of the tiny detector (SGD-Nesterov, constant LR after ``warmup_iters``) on
     ``device``, with a GradScaler under fp16 AMP on CUDA. The default LR is one the guard's LR check confirms for the
-    tiny network (its paired trials find 0.01 too high for it).
+    tiny network (its paired trials find 0.01 too high for it). ``fp16_on_cpu`` (with ``amp``) trains a CPU in fp16
+    autocast with a CPU GradScaler, which the bundle never does: CUDA's fp16 AMP path (loss scaling, unscaling,
+    overflow steps skipped, the scale backed off) run by CI on CPU kernels.
     """
     detector = tiny_detector()
     detector.network.to(device)
     optimizer = torch.optim.SGD(detector.network.parameters(), lr=lr, momentum=0.9, nesterov=True)
     scheduler = WarmupDecayLR(optimizer, warmup_iters=warmup_iters, total_iters=100, decay="step", step_iters=1000)
-    fp16 = amp and torch.device(device).type == "cuda" and kw.get("amp_dtype") in (None, "float16")  # as train.json
-    scaler = torch.amp.GradScaler("cuda") if fp16 else None
+    on_cuda = torch.device(device).type == "cuda"
+    fp16 = amp and (on_cuda or fp16_on_cpu) and kw.get("amp_dtype") in (None, "float16")  # as train.json
+    scaler = torch.amp.GradScaler(torch.device(device).type) if fp16 else None
     quarantine = quarantine if quarantine is not None else Quarantine(str(tmp_path / "quarantine.json"))
     guard = StabilityGuard(
         detector.network,
@@ -108,6 +112,8 @@ def make_trainer(
         scaler=scaler,
         **kw,
     )
+    if fp16_on_cpu:
+        trainer.autocast_type = torch.float16
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: scheduler.step())
     return trainer, guard
 
