@@ -378,6 +378,45 @@ def test_a_collapsed_score_gap_is_a_stall_that_the_search_examines(tmp_path):
     assert guard.status == "completed" and finite_weights(trainer.network)
 
 
+def test_a_stall_that_a_smaller_lr_cures_rolls_back_to_the_last_snapshot(tmp_path, monkeypatch):
+    # the same faked collapse; the stall's search (stubbed) finds a smaller LR better: the run goes back to the
+    # snapshot the search started from, bitwise, at that LR, and its collapsed windows are forgotten
+    def transform(report):
+        collapsed = report.stepped and transform.calls > 12
+        transform.calls += 1
+        return dataclasses.replace(report, negative_score=report.positive_score) if collapsed else report
+
+    transform.calls = 0
+    origins = []
+
+    def trials(runner, start, *args, **kwargs):  # the LR check (first call) keeps the recipe; the stall's lowers it
+        origins.append((runner.origin.iteration, copy.deepcopy(runner.origin.state["network"])))
+        smaller = Trial(start * 10**-0.5, 0.5, False)
+        return SearchResult((Trial(start, 1.0, False), smaller), start if len(origins) == 1 else smaller.lr)
+
+    monkeypatch.setattr(lr_policy, "search_lr", trials)
+    guard_kwargs = {"snapshot_every": 2, "stall_windows": 2, "output_transform": transform}
+    trainer, guard = make_trainer(tmp_path, epochs=8, guard_kwargs=guard_kwargs)
+    restored = {}
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _after_the_guard(engine):
+        if guard.counters["stalls"] and not restored:
+            restored.update(iteration=engine.state.iteration, network=copy.deepcopy(engine.network.state_dict()))
+
+    trainer.run()
+    stall = next(e for e in guard.log.events if e["kind"] == "stall")
+    assert stall["iteration"] == restored["iteration"] > 12 and len(origins) >= 2
+    origin_iteration, origin_network = origins[1]
+    assert 12 <= origin_iteration < stall["iteration"] and guard.counters["rollbacks"] >= 1
+    for key, value in origin_network.items():
+        assert torch.equal(value, restored["network"][key]), key
+    change = guard.log.lr_changes[0]
+    assert change["iteration"] == stall["iteration"] and "stopped learning" in change["why"]
+    assert change["to"] == pytest.approx(0.002 * 10**-0.5)
+    assert guard.lr.scale <= 10**-0.5 + 1e-9 and guard.status == "completed" and finite_weights(trainer.network)
+
+
 def validator_at(best: float, epoch: int) -> types.SimpleNamespace:
     """What the guard reads of MONAI's evaluator: the best key metric, its epoch, and the last validation's epoch."""
     return types.SimpleNamespace(state=types.SimpleNamespace(best_metric=best, best_metric_epoch=epoch, epoch=epoch))

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from conftest import finite_weights, make_trainer, tiny_detector, tiny_sample
+from conftest import assert_same_state, finite_weights, make_trainer, state_of, tiny_detector, tiny_loader, tiny_sample
 from ignite.engine import Events
 from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
 from monai.apps.detection.utils.ATSS_matcher import ATSSMatcher
@@ -361,6 +361,25 @@ def test_the_guarded_trainer_runs_the_sync_free_detector(tmp_path):
     assert [r.event for r in reports] == [None, None, "logits", None]
     assert all(math.isfinite(r.loss) and r.positive_score > 0 for r in (reports[0], reports[1], reports[3]))
     assert guard.counters["rollbacks"] == 1 and finite_weights(trainer.network)
+
+
+@pytest.mark.parametrize("sync_free", [True, False], ids=["sync_free", "monai"])
+def test_non_finite_logits_are_refused_when_guarded_and_raise_the_zoos_error_when_not(tmp_path, sync_free):
+    # MONAI's heads raise their ValueError mid-forward (caught: the step is refused); the sync-free heads flag it
+    batch = next(iter(tiny_loader(1)))
+    for guarded in (True, False):
+        trainer, _ = make_trainer(tmp_path / str(guarded), epochs=1, enabled=guarded)
+        trainer.detector.set_sync_free(sync_free)
+        with torch.no_grad():
+            trainer.network.classification_head.cls_logits.bias.fill_(math.inf)
+        before = state_of(trainer)
+        if not guarded:
+            with pytest.raises(ValueError, match=r"^cls_logits is NaN or Inf\.$"):
+                trainer.train_step(batch, fire_events=False)
+            continue
+        report = trainer.train_step(batch, fire_events=False)
+        assert report.event == "logits" and math.isnan(report.loss) and report.bad_files == report.files
+        assert_same_state(before, state_of(trainer))  # the BatchNorm statistics of the forward put back too
 
 
 def test_image_padding_equals_monai_without_syncs():
