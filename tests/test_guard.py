@@ -358,6 +358,37 @@ def test_a_backed_off_lr_grows_back_and_stays_below_what_failed(tmp_path):
     assert guard.counters["rollbacks"] == 0  # growing needs no rollback
 
 
+def test_a_growth_step_that_learns_worse_is_not_taken_and_not_tried_again(tmp_path, monkeypatch):
+    # the growth trials run, and the step up is judged worse (stubbed: 30% behind, outside the margin but not a
+    # clear loss): the run goes on from where it was, bitwise, at the reduced LR, and that level becomes the ceiling,
+    # so no growth is tried again
+    searches = []
+
+    def trials(runner, start, step, *args, **kwargs):
+        searches.append({"step": step, "network": copy.deepcopy(runner.origin.state["network"])})
+        ran = (runner(start), runner(start * step))  # the trials train from the origin: the state moves
+        return SearchResult((dataclasses.replace(ran[0], loss=1.0), dataclasses.replace(ran[1], loss=1.3)), start)
+
+    monkeypatch.setattr(lr_policy, "search_lr", trials)
+    trainer, guard = make_trainer(tmp_path, epochs=8, guard_kwargs={"growth_interval": 8, "snapshot_every": 4})
+    guard.lr.back_off(0.01)
+    after_growth = {}
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _after_the_guard(engine):
+        growths = [s for s in searches if s["step"] > 1]
+        if growths and not after_growth:
+            after_growth.update(iteration=engine.state.iteration, network=copy.deepcopy(engine.network.state_dict()))
+
+    trainer.run()
+    growths = [s for s in searches if s["step"] > 1]
+    assert len(growths) == 1 and growths[0]["step"] == pytest.approx(10**0.5)
+    for key, value in growths[0]["network"].items():  # the copy of now the trials started from, put back
+        assert torch.equal(value, after_growth["network"][key]), key
+    assert guard.lr.scale == pytest.approx(0.01) and guard.lr.ceiling == pytest.approx(0.01) and not guard.lr.can_grow()
+    assert guard.log.lr_changes == [] and guard.counters["rollbacks"] == 0 and guard.status == "completed"
+
+
 def test_a_collapsed_score_gap_is_a_stall_that_the_search_examines(tmp_path):
     # the detector stops telling nodules from background after iteration 12 (a faked report): a stall; the search
     # finds that a smaller LR does not do better, so the run goes on from where it was

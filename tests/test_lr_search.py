@@ -154,6 +154,33 @@ def advance(optimizer: torch.optim.Optimizer, scheduler: WarmupDecayLR, iteratio
         scheduler.step()
 
 
+@pytest.mark.parametrize("decay", ["step", "cosine"])
+def test_the_schedule_warms_up_linearly_then_decays(decay):
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.5)
+    kwargs = {"warmup_iters": 10, "total_iters": 110, "step_iters": 40, "gamma": 0.1, "min_lr_factor": 0.01}
+    scheduler = WarmupDecayLR(optimizer, decay=decay, **kwargs)
+    lrs = [optimizer.param_groups[0]["lr"]]
+    for _ in range(130):
+        advance(optimizer, scheduler, 1)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(0.005) and lrs[5] == pytest.approx(0.005 + 0.495 * 5 / 10) and lrs[10] == 0.5
+    after = lrs[10:]
+    assert all(b <= a for a, b in zip(after, after[1:], strict=False))  # never up again after the warm-up
+    if decay == "step":
+        assert after[39] == 0.5 and after[40] == pytest.approx(0.05) and after[80] == pytest.approx(0.005)
+    else:
+        assert after[50] == pytest.approx(0.005 + 0.495 * 0.5)  # half-way down the cosine
+        assert after[100] == after[120] == pytest.approx(0.005)  # min_lr_factor from total_iters on
+    scheduler.multiplier = 0.1  # the guard's scale multiplies whatever the schedule gives
+    advance(optimizer, scheduler, 1)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * (0.0005 if decay == "step" else 0.005))
+
+
+def test_the_schedule_names_its_decays():
+    with pytest.raises(ValueError, match="lr_decay must be one of"):
+        WarmupDecayLR(torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1), 0, 10, decay="linear")
+
+
 def test_lr_control_sets_peaks_and_keeps_below_what_failed():
     optimizer, scheduler = scheduled()
     control = LRControl(scheduler)
