@@ -382,6 +382,18 @@ def test_non_finite_logits_are_refused_when_guarded_and_raise_the_zoos_error_whe
         assert_same_state(before, state_of(trainer))  # the BatchNorm statistics of the forward put back too
 
 
+def test_a_matcher_the_sync_free_path_does_not_reproduce_names_the_setting_that_trains_it():
+    detector = tiny_detector()
+    detector.set_regular_matcher(fg_iou_thresh=0.5, bg_iou_thresh=0.4)  # MONAI's IoU matcher, not ATSS
+    detector.train()
+    images, targets = sample_batch()
+    with pytest.raises(NotImplementedError, match=r"ATSS matcher .*--detector#sync_free False$"):
+        detector(images, [dict(t) for t in targets])
+    detector.set_sync_free(False)
+    losses = detector(images, [dict(t) for t in targets])
+    assert math.isfinite(float(losses["classification"]))
+
+
 def test_image_padding_equals_monai_without_syncs():
     from monai.apps.detection.utils.detector_utils import pad_images
     from monai.data import MetaTensor

@@ -64,6 +64,8 @@ SUPPORTED_LOSSES: tuple[type[nn.Module], ...] = (
     nn.MSELoss,
     nn.HuberLoss,
 )
+# what each "not reproduced here" error ends with: the setting that trains the same detector without this module
+OTHER_PATH = "; train with MONAI's own path instead: --detector#sync_free False"
 
 
 def _draw(keys: Tensor, eligible: Tensor, count: Tensor, k_max: int) -> Tensor:
@@ -162,7 +164,7 @@ def _elementwise(loss: nn.Module) -> tuple[nn.Module, str]:
     if not isinstance(loss, SUPPORTED_LOSSES) or loss.reduction not in ("mean", "sum"):
         raise NotImplementedError(
             f"sync-free losses reproduce {[c.__name__ for c in SUPPORTED_LOSSES]} with reduction 'mean' or 'sum', "
-            f"got {loss!r}; use the detector with sync_free=False"
+            f"got {loss!r}{OTHER_PATH}"
         )
     elementwise = copy.copy(loss)
     elementwise.reduction = "none"
@@ -240,11 +242,13 @@ class SyncFreeRetinaNetLoss:
         """The loss of a MONAI ``RetinaNetDetector`` with ``set_atss_matcher`` and ``set_hard_negative_sampler``."""
         matcher, sampler = getattr(detector, "proposal_matcher", None), detector.fg_bg_sampler
         if not isinstance(matcher, ATSSMatcher) or matcher.similarity_fn is not box_iou:
-            raise NotImplementedError(f"sync-free losses need MONAI's ATSS matcher with box_iou, got {matcher!r}")
+            raise NotImplementedError(
+                f"sync-free losses need MONAI's ATSS matcher with box_iou, got {matcher!r}{OTHER_PATH}"
+            )
         if not isinstance(sampler, HardNegativeSampler):
-            raise NotImplementedError(f"sync-free losses need MONAI's HardNegativeSampler, got {sampler!r}")
+            raise NotImplementedError(f"sync-free losses need MONAI's HardNegativeSampler, got {sampler!r}{OTHER_PATH}")
         if not detector.encode_gt or detector.decode_pred:
-            raise NotImplementedError("sync-free losses need encode_gt=True and decode_pred=False (an L1-type loss)")
+            raise NotImplementedError(f"sync-free losses need encode_gt=True and decode_pred=False{OTHER_PATH}")
         return cls(
             num_anchors_per_loc=detector.num_anchors_per_loc,
             cls_loss=detector.cls_loss_func,
