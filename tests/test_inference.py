@@ -186,6 +186,25 @@ def test_a_nonfinite_prediction_is_listed_and_the_run_goes_on(phantoms: dict[str
     ]
 
 
+def test_an_image_that_changed_since_the_data_check_is_listed_and_the_run_goes_on(
+    phantoms: dict[str, str], tmp_path
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(phantoms["dir"], data)
+    copied = {"dir": str(data), "datalist": os.path.join(str(data), os.path.basename(phantoms["datalist"]))}
+    run = runner(copied, tmp_path)  # the data check has passed both images
+    run.detector = run.detector.detector  # no failing prediction: the file itself fails
+    (data / "images" / "train_001.nii.gz").write_bytes(b"truncated")
+    with pytest.raises(InferenceFailed, match=r"inference failed on 1 of 2 images"):
+        run.run()
+    with open(tmp_path / "out" / "result.json") as f:
+        result = json.load(f)
+    assert [r["image"] for r in result["training"]] == ["images/train_000.nii.gz"]
+    (failure,) = result["failed"]
+    assert failure["image"] == "images/train_001.nii.gz" and failure["problem"] == "load_failed"
+    assert failure["message"].startswith("unreadable: not a NIfTI file")
+
+
 def test_a_crash_keeps_the_results_so_far(phantoms: dict[str, str], tmp_path) -> None:
     """A bug (not the image's fault) keeps its traceback, and the results written before it stay on disk."""
     run = runner(phantoms, tmp_path, error=RuntimeError("a bug"))

@@ -6,6 +6,7 @@ Everything runs on tiny phantoms (64 x 64 x 32) through train.json's own transfo
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -26,6 +27,7 @@ from monai.transforms import (
     SpatialCrop,
 )
 
+from scripts.data import cache
 from scripts.data.augment import RandRotateBoxd, SeparableRandGaussianSmoothd
 from scripts.data.cache import SharedPersistentDataset, detection_dataset
 from scripts.data.crop import (
@@ -89,6 +91,26 @@ def test_cached_run_and_uncached_run_see_the_same_deterministic_tensors(phantoms
             assert frame_of(got, "image") == frame_of(direct, "image")
             assert got["image"].meta["filename_or_obj"] == item["image"]
     assert len(os.listdir(persistent.cache_dir)) == len(items)  # one file per volume, no temporary left
+
+
+def test_a_cache_that_cannot_be_written_trains_on_uncached(phantoms, tmp_path, monkeypatch, caplog):
+    # a full disk (or a read-only cache folder) costs the cache, not the run: the item is built and returned
+    parser = _parser(phantoms, str(tmp_path))
+    item = parser.get_parsed_content("datalists")["training"][0]
+    persistent = parser.get_parsed_content("train#dataset")
+
+    def disk_full(path, write):
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(cache, "write_atomically", disk_full)
+    with caplog.at_level(logging.WARNING, logger="scripts.data.cache"):
+        got = persistent._cachecheck(item)
+    direct = _deterministic(parser)(dict(item))
+    assert torch.equal(got["image"].as_tensor(), direct["image"].as_tensor())
+    assert torch.equal(torch.as_tensor(got["box"]), torch.as_tensor(direct["box"]))
+    assert os.listdir(persistent.cache_dir) == []
+    (warning,) = [r.getMessage() for r in caplog.records if "could not write cache file" in r.getMessage()]
+    assert str(persistent.cache_path(item)) in warning and "No space left on device" in warning
 
 
 def test_compact_volume_holds_the_body_and_the_boxes_exactly(phantoms, tmp_path):
