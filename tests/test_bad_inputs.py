@@ -17,6 +17,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 from bundle_helpers import REPO, TINY, bundle_paths, config, make_phantoms, save_tiny_model
 from monai.bundle import run
@@ -330,3 +332,37 @@ def test_a_bad_checkpoint_to_evaluate_or_resume_is_one_line(tmp_path: Path, mode
         assert str(checkpoint) in line and (
             "does not exist" in line or "cannot be read" in line or "not a complete" in line
         )
+
+
+def test_a_run_left_without_training_images_ends_in_one_line(tmp_path: Path) -> None:
+    # every training image holds NaN voxels and the data check is off: the guard quarantines each after its second
+    # event, and the next epoch has nothing to train on
+    data = tmp_path / "data"
+    datalist = Path(generate_dataset(str(data), num_train=2, num_val=1, shape=(64, 64, 32), progress=False))
+    for entry in json.loads(datalist.read_text())["training"]:
+        path = data / entry["image"]
+        image = nib.load(str(path))
+        volume = np.asarray(image.dataobj, dtype=np.float32)
+        volume[::6] = np.nan  # every crop holds some
+        nib.save(nib.Nifti1Image(volume, image.affine), str(path))
+    root = tmp_path / "bundle"
+    done = monai_run(
+        "training",
+        ["configs/train.json", TINY_CONFIG],
+        root,
+        dataset_dir=str(data),
+        data_list_file_path=str(datalist),
+        data_check="off",
+        epochs=4,
+        val_interval=10,
+    )
+    assert done.returncode != 0
+    quarantine = root / "eval" / "quarantine.json"
+    assert last_line(done) == (
+        f"every training image is quarantined (2 of them; why, for each: {quarantine}): fix or replace the files, "
+        "then train again"
+    )
+    assert len(json.loads(quarantine.read_text())["quarantined"]) == 2
+    report = json.loads((root / "eval" / "guard_report.json").read_text())
+    assert report["status"].startswith("stopped: every training image is quarantined")
+    assert (root / "models" / "checkpoint_final.pt").is_file()

@@ -17,9 +17,10 @@ import torch
 from torch.utils.data.distributed import DistributedSampler
 
 from scripts.distributed import is_distributed
+from scripts.errors import UserError
 from scripts.json_io import write_json
 
-__all__ = ["Quarantine", "QuarantineSampler", "image_path"]
+__all__ = ["NoTrainingImages", "Quarantine", "QuarantineSampler", "image_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,10 @@ def image_path(item: Any) -> str:
     elif not isinstance(item, (str, os.PathLike)):
         return ""
     return os.path.abspath(str(item)) if str(item) else ""
+
+
+class NoTrainingImages(UserError):
+    """Every training image is quarantined: nothing is left to train on."""
 
 
 class Quarantine:
@@ -118,7 +123,11 @@ class QuarantineSampler(DistributedSampler):
     def _kept(self) -> list[int]:
         kept = [i for i, item in enumerate(self.dataset.data) if item not in self.quarantine]
         if not kept:
-            raise RuntimeError("every training image is quarantined; see the quarantine list in output_dir")
+            where = self.quarantine.path or "the guard report"
+            raise NoTrainingImages(
+                f"every training image is quarantined ({len(self.dataset.data)} of them; why, for each: {where}): "
+                "fix or replace the files, then train again"
+            )
         return kept
 
     def __iter__(self) -> Iterator[int]:

@@ -19,6 +19,7 @@ import torch
 from ignite.engine import Events
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
+from monai.handlers import StatsHandler
 from monai.inferers import Inferer, SimpleInferer
 from torch.utils.data import DataLoader
 
@@ -27,6 +28,7 @@ from scripts.detection.detector import ANCHOR_SCORE_NAMES, ANCHOR_SCORES, HEADS_
 from scripts.detection.precision import autocast_type, precision_name
 from scripts.detection.step_report import EVENT_KINDS, StepReport, read_to_host
 from scripts.distributed import is_distributed
+from scripts.errors import UserError
 
 __all__ = ["DetectionBatch", "StabilisedDetectionTrainer", "detection_prepare_batch"]
 
@@ -180,9 +182,12 @@ class StabilisedDetectionTrainer(Trainer):
         Give every ``EXCEPTION_RAISED`` handler its turn (report, final checkpoint), then re-raise.
 
         MONAI's handlers re-raise the exception from their own ``EXCEPTION_RAISED`` handler, so ignite would stop at
-        the first of them and the handlers attached later (the checkpoint saver) would never save anything.
+        the first of them and the handlers attached later (the checkpoint saver) would never save anything. A
+        `UserError` (the inputs' problem, ended by its one line) skips the traceback `StatsHandler` logs for a crash.
         """
         for func, args, kwargs in list(self._event_handlers.get(Events.EXCEPTION_RAISED, [])):
+            if isinstance(e, UserError) and isinstance(getattr(func, "__self__", None), StatsHandler):
+                continue
             first, rest = ((args[0](),), args[1:]) if args and isinstance(args[0], weakref.ref) else ((), args)
             try:
                 func(*first, e, *rest, **kwargs)

@@ -21,6 +21,7 @@ from ignite.engine import Engine, Events
 
 from scripts.data.quarantine import Quarantine
 from scripts.detection.step_report import StepReport
+from scripts.errors import UserError
 from scripts.guard.blame import FileBlame
 from scripts.guard.learning_signal import LearningSignal
 from scripts.guard.log import GuardEvent, GuardLog
@@ -416,8 +417,9 @@ class StabilityGuard:
         self.write_report()
 
     def exception_raised(self, engine: Engine, e: BaseException) -> None:
-        """Record the crash in the report and save the last good state (the trainer re-raises the exception)."""
-        self.status = f"crashed: {type(e).__name__}: {e}"
+        """Record the crash (a `UserError`: the stop) in the report and save the last good state (the trainer re-raises
+        the exception)."""
+        self.status = f"stopped: {e}" if isinstance(e, UserError) else f"crashed: {type(e).__name__}: {e}"
         if self.snapshot.state is not None:
             self.log.save_checkpoint(self.snapshot.host_state())
         self.write_report()
