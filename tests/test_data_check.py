@@ -345,6 +345,20 @@ def test_messages_are_specific(tmp_path: Path) -> None:
     assert "not a NIfTI file" in messages["unreadable"] and "text file" in messages["unreadable"]
 
 
+def test_a_volume_larger_than_the_check_accepts_is_named_before_it_is_loaded(tmp_path: Path, monkeypatch) -> None:
+    # the limit (2**29 voxels, 2 GB as float32) scaled down to this volume: the header alone tells
+    path = write_volume(tmp_path / "big.nii.gz")
+    monkeypatch.setattr(type(LOADER), "__call__", lambda *a, **k: pytest.fail("a too large volume was loaded"))
+    report = check(tmp_path, [item(path)], max_voxels=40 * 40 * 24 - 1)
+    (finding,) = report.findings
+    assert finding.problem == "too_large" and finding.severity == "error" and not report.ok
+    assert finding.message == (
+        f"training[0] {path}: 40x40x24 = 38400 voxels, more than the 38399 the data check accepts (153.6 kB as "
+        "float32, as training loads it): crop or resample the image"
+    )
+    assert finding.details["voxels"] == 38400
+
+
 def test_image_without_boxes_is_valid(tmp_path: Path) -> None:
     report = check(tmp_path, [item(write_volume(tmp_path / "v.nii.gz"), [], [])])
     assert report.ok and not report.findings and report.no_boxes == 1
