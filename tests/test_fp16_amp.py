@@ -36,12 +36,9 @@ def fp16_trainer(tmp_path, device: str, epochs: int, guard_kwargs: dict | None =
     return trainer, guard
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_fp16_overflow_is_absorbed_by_the_scaler(tmp_path, device):
-    trainer, guard = fp16_trainer(tmp_path, device, epochs=6)
-    # a loss scale of 2**28 overflows fp16 activation gradients (max 65504) until the scaler has halved it enough
-    trainer.scaler._init_scale = 2.0**28
-    records = []
+def record_steps(trainer) -> list[dict]:
+    """Per iteration: the state and loss scale before it, then its event, whether it overflowed and the state after."""
+    records: list[dict] = []
 
     @trainer.on(Events.ITERATION_STARTED)
     def _before(engine):
@@ -49,8 +46,18 @@ def test_fp16_overflow_is_absorbed_by_the_scaler(tmp_path, device):
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def _after(engine):
-        records[-1].update(event=engine.state.output.event, after=state_of(engine))
+        report = engine.state.output
+        records[-1].update(event=report.event, overflow=not math.isfinite(report.grad_norm), after=state_of(engine))
 
+    return records
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_overflow_is_absorbed_by_the_scaler(tmp_path, device):
+    trainer, guard = fp16_trainer(tmp_path, device, epochs=6)
+    # a loss scale of 2**28 overflows fp16 activation gradients (max 65504) until the scaler has halved it enough
+    trainer.scaler._init_scale = 2.0**28
+    records = record_steps(trainer)
     trainer.run()
     overflows = [r for r in records if r["event"] == "grad"]
     assert records[0]["event"] == "grad" and guard.counters["amp_overflows"] == len(overflows)
@@ -165,17 +172,7 @@ def test_unguarded_fp16_skips_overflow_steps_as_the_scaler_would(tmp_path, devic
     # forward has updated the BatchNorm statistics: only the guarded step puts those back)
     trainer, guard = fp16_trainer(tmp_path, device, epochs=6, enabled=False)
     trainer.scaler._init_scale = 2.0**28
-    records = []
-
-    @trainer.on(Events.ITERATION_STARTED)
-    def _before(engine):
-        records.append({"before": state_of(engine), "scale": engine.scaler.get_scale()})
-
-    @trainer.on(Events.ITERATION_COMPLETED)
-    def _after(engine):
-        report = engine.state.output
-        records[-1].update(event=report.event, overflow=not math.isfinite(report.grad_norm), after=state_of(engine))
-
+    records = record_steps(trainer)
     trainer.run()
     assert all(r["event"] is None for r in records) and records[0]["overflow"]
     for r, following in zip(records, records[1:], strict=False):
