@@ -448,6 +448,20 @@ def test_a_stall_that_a_smaller_lr_cures_rolls_back_to_the_last_snapshot(tmp_pat
     assert guard.lr.scale <= 10**-0.5 + 1e-9 and guard.status == "completed" and finite_weights(trainer.network)
 
 
+def test_a_crash_runs_each_exception_handler_once_and_propagates(tmp_path):
+    # ignite hands a crash to the engine twice (the epoch's loop, then the run's): reports and checkpoints once
+    from scripts.tools.faults import Crash
+
+    trainer, guard = make_trainer(tmp_path, epochs=2)
+    Crash(iteration=3, message="injected").attach(trainer)
+    seen = []
+    trainer.add_event_handler(Events.EXCEPTION_RAISED, lambda engine, e: seen.append(e))
+    with pytest.raises(RuntimeError, match="^injected$"):
+        trainer.run()
+    assert [str(e) for e in seen] == ["injected"] and guard.status == "crashed: RuntimeError: injected"
+    assert json.loads((tmp_path / "guard_report.json").read_text())["status"] == guard.status
+
+
 def validator_at(best: float, epoch: int) -> types.SimpleNamespace:
     """What the guard reads of MONAI's evaluator: the best key metric, its epoch, and the last validation's epoch."""
     return types.SimpleNamespace(state=types.SimpleNamespace(best_metric=best, best_metric_epoch=epoch, epoch=epoch))

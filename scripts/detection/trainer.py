@@ -163,6 +163,7 @@ class StabilisedDetectionTrainer(Trainer):
         self.scaler = scaler if amp else None
         self.loss_limit = math.inf
         self.world_size = 1
+        self._handled: BaseException | None = None  # the exception whose handlers have run
         self.add_event_handler(Events.STARTED, lambda engine: engine._broadcast_state())
         self.add_event_handler(
             Events.STARTED,
@@ -182,9 +183,13 @@ class StabilisedDetectionTrainer(Trainer):
         Give every ``EXCEPTION_RAISED`` handler its turn (report, final checkpoint), then re-raise.
 
         MONAI's handlers re-raise the exception from their own ``EXCEPTION_RAISED`` handler, so ignite would stop at
-        the first of them and the handlers attached later (the checkpoint saver) would never save anything. A
+        the first of them and the handlers attached later (the checkpoint saver) would never save anything. Ignite
+        hands an exception over twice (from the epoch's loop, then from the run's): the handlers run once. A
         `UserError` (the inputs' problem, ended by its one line) skips the traceback `StatsHandler` logs for a crash.
         """
+        if e is self._handled:
+            raise e
+        self._handled = e
         for func, args, kwargs in list(self._event_handlers.get(Events.EXCEPTION_RAISED, [])):
             if isinstance(e, UserError) and isinstance(getattr(func, "__self__", None), StatsHandler):
                 continue
