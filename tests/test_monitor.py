@@ -77,6 +77,21 @@ def test_csv_and_tensorboard_have_every_iteration(tmp_path):
     assert [e.value for e in tb.Scalars("train/event")] == [0, 0, 1, 0, 0, 0, 0, 0]
 
 
+def test_the_plot_command_draws_the_monitors_csv(tmp_path, monkeypatch, capsys):
+    # `python -m scripts.tools.plot_training eval/train_log.csv out.png`, the README's figure command
+    from scripts.tools import plot_training
+
+    run_monitored(tmp_path, epochs=2, poison_iteration=3)
+    out = tmp_path / "run.png"
+    monkeypatch.setattr("sys.argv", ["plot_training", str(tmp_path / "log.csv"), str(out), "--title", "a run"])
+    plot_training.main()
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert capsys.readouterr().out.strip() == f"wrote {out}"
+    (tmp_path / "empty.csv").write_text((tmp_path / "log.csv").read_text().splitlines()[0] + "\n")
+    with pytest.raises(ValueError, match="empty.csv has no iterations"):
+        plot_training.read_log(str(tmp_path / "empty.csv"))
+
+
 def test_mlflow_gets_every_scalar_as_floats(tmp_path):
     mlflow = RecordingMLflow()
     run_monitored(tmp_path, epochs=1, mlflow=mlflow)
