@@ -364,5 +364,5 @@ def test_a_run_left_without_training_images_ends_in_one_line(tmp_path: Path) -> 
     )
     assert len(json.loads(quarantine.read_text())["quarantined"]) == 2
     report = json.loads((root / "eval" / "guard_report.json").read_text())
-    assert report["status"].startswith("stopped: every training image is quarantined")
+    assert report["status"] == "stopped" and report["message"] == last_line(done)
     assert (root / "models" / "checkpoint_final.pt").is_file()

@@ -417,9 +417,12 @@ class StabilityGuard:
         self.write_report()
 
     def exception_raised(self, engine: Engine, e: BaseException) -> None:
-        """Record the crash (a `UserError`: the stop) in the report and save the last good state (the trainer re-raises
-        the exception)."""
-        self.status = f"stopped: {e}" if isinstance(e, UserError) else f"crashed: {type(e).__name__}: {e}"
+        """Record the crash in the report (a `UserError` stops the run, with its line as the message) and save the last
+        good state (the trainer re-raises the exception)."""
+        if isinstance(e, UserError):
+            self.status, self.message = "stopped", str(e)
+        else:
+            self.status = f"crashed: {type(e).__name__}: {e}"
         if self.snapshot.state is not None:
             self.log.save_checkpoint(self.snapshot.host_state())
         self.write_report()
