@@ -389,16 +389,24 @@ def test_a_growth_step_that_learns_worse_is_not_taken_and_not_tried_again(tmp_pa
     assert guard.log.lr_changes == [] and guard.counters["rollbacks"] == 0 and guard.status == "completed"
 
 
+def collapse_after(iterations: int):
+    """A guard ``output_transform`` under which the detector stops telling nodules from background after
+    ``iterations`` reports: every applied step's background score faked up to its nodule score."""
+    calls = 0
+
+    def transform(report):
+        nonlocal calls
+        calls += 1
+        collapsed = report.stepped and calls > iterations + 1
+        return dataclasses.replace(report, negative_score=report.positive_score) if collapsed else report
+
+    return transform
+
+
 def test_a_collapsed_score_gap_is_a_stall_that_the_search_examines(tmp_path):
     # the detector stops telling nodules from background after iteration 12 (a faked report): a stall; the search
     # finds that a smaller LR does not do better, so the run goes on from where it was
-    def transform(report):
-        collapsed = report.stepped and transform.calls > 12
-        transform.calls += 1
-        return dataclasses.replace(report, negative_score=report.positive_score) if collapsed else report
-
-    transform.calls = 0
-    guard_kwargs = {"snapshot_every": 2, "stall_windows": 2, "output_transform": transform}
+    guard_kwargs = {"snapshot_every": 2, "stall_windows": 2, "output_transform": collapse_after(12)}
     trainer, guard = make_trainer(tmp_path, epochs=8, guard_kwargs=guard_kwargs)
     trainer.run()
     stall = next(e for e in guard.log.events if e["kind"] == "stall")
@@ -412,12 +420,6 @@ def test_a_collapsed_score_gap_is_a_stall_that_the_search_examines(tmp_path):
 def test_a_stall_that_a_smaller_lr_cures_rolls_back_to_the_last_snapshot(tmp_path, monkeypatch):
     # the same faked collapse; the stall's search (stubbed) finds a smaller LR better: the run goes back to the
     # snapshot the search started from, bitwise, at that LR, and its collapsed windows are forgotten
-    def transform(report):
-        collapsed = report.stepped and transform.calls > 12
-        transform.calls += 1
-        return dataclasses.replace(report, negative_score=report.positive_score) if collapsed else report
-
-    transform.calls = 0
     origins = []
 
     def trials(runner, start, *args, **kwargs):  # the LR check (first call) keeps the recipe; the stall's lowers it
@@ -426,7 +428,7 @@ def test_a_stall_that_a_smaller_lr_cures_rolls_back_to_the_last_snapshot(tmp_pat
         return SearchResult((Trial(start, 1.0, False), smaller), start if len(origins) == 1 else smaller.lr)
 
     monkeypatch.setattr(lr_policy, "search_lr", trials)
-    guard_kwargs = {"snapshot_every": 2, "stall_windows": 2, "output_transform": transform}
+    guard_kwargs = {"snapshot_every": 2, "stall_windows": 2, "output_transform": collapse_after(12)}
     trainer, guard = make_trainer(tmp_path, epochs=8, guard_kwargs=guard_kwargs)
     restored = {}
 
