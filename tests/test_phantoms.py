@@ -206,7 +206,7 @@ def test_cli(tmp_path: Path) -> None:
     cmd += ["--num-train", "2", "--num-val", "1", "--seed", "3", "--shape", "64", "64", "32"]
     result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "2 training + 1 validation" in result.stdout
+    assert "2 training + 1 selection + 1 validation" in result.stdout
     datalist = _load(out / "datalist.json")
     assert len(datalist["training"]) == 2 and len(datalist["validation"]) == 1
     assert nib.load(out / datalist["validation"][0]["image"]).shape == (64, 64, 32)

@@ -10,13 +10,17 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from scripts.data.report import DataReport
-from scripts.data.rules import resolve_image
+from scripts.data.rules import no_boxes, resolve_image
 from scripts.errors import UserError
 
-__all__ = ["SECTIONS", "DatalistError", "load_datalist", "resolved_items", "section_items"]
+__all__ = ["OPTIONAL_SECTIONS", "SECTIONS", "DatalistError", "load_datalist", "resolved_items", "section_items"]
 
-SECTIONS = ("training", "validation")
+# "selection": the model-selection set (`scripts.data.selection`); a datalist may have one, and the zoo's have none
+SECTIONS = ("training", "selection", "validation")
+OPTIONAL_SECTIONS = ("selection",)
 
 
 class DatalistError(UserError):
@@ -44,7 +48,8 @@ def section_items(datalist: Any, sections: Sequence[str], report: DataReport) ->
     """
     The datalist's structure: ``(section, items)`` for each of ``sections`` that is a list; what is wrong with the
     datalist itself (not a dict, a section missing, not a list, or empty) goes to ``report``. The first section is
-    required (an error), the others may be missing (a warning).
+    required (an error), the others may be missing (a warning), and one of `OPTIONAL_SECTIONS` may be missing
+    without a word.
     """
     if not isinstance(datalist, dict):
         report.item(None, None).error("datalist_not_dict", f"must be a JSON object, got {type(datalist).__name__}")
@@ -54,7 +59,8 @@ def section_items(datalist: Any, sections: Sequence[str], report: DataReport) ->
         severity = "error" if k == 0 else "warning"
         rec = report.item(section, None)
         if section not in datalist:
-            rec.add(severity, "missing_section", f'no "{section}" section (it has {sorted(datalist)})')
+            if k == 0 or section not in OPTIONAL_SECTIONS:
+                rec.add(severity, "missing_section", f'no "{section}" section (it has {sorted(datalist)})')
         elif not isinstance(datalist[section], list):
             rec.error("bad_section", f'"{section}" must be a list of items')
         else:
@@ -65,7 +71,10 @@ def section_items(datalist: Any, sections: Sequence[str], report: DataReport) ->
 
 
 def resolved_items(datalist: dict, section: str, dataset_dir: str, drop: set[int]) -> list[dict]:
-    """The items of ``section`` not in ``drop``, each ``image`` made absolute."""
+    """
+    The items of ``section`` not in ``drop``, each ``image`` made absolute, and a ``box`` that holds no box (``[]``,
+    ``[[]]``) made an empty ``(0, 6)`` array: MONAI's box transforms take no other shape of "no box".
+    """
     items = datalist.get(section) or []
     out = []
     for i, item in enumerate(items if isinstance(items, list) else []):
@@ -73,5 +82,7 @@ def resolved_items(datalist: dict, section: str, dataset_dir: str, drop: set[int
             continue
         if isinstance(item, dict) and isinstance(item.get("image"), str):
             item = {**item, "image": resolve_image(item["image"], dataset_dir)}
+        if isinstance(item, dict) and no_boxes(item.get("box")):
+            item = {**item, "box": np.zeros((0, 6), dtype=np.float32)}
         out.append(item)
     return out

@@ -5,7 +5,8 @@ resampled LUNA16 spacing, and a slightly different origin per case): air outside
 layer and a spine, two ellipsoidal lungs, curved vessel-like tubes inside the lungs as distractors, 1-3 soft-tissue
 nodules of 3-30 mm (mostly 5-15 mm) with smooth edges, and Gaussian noise.
 
-The datalist (``{"training": [...], "validation": [...]}``) holds per image the nodule boxes in ``cccwhd`` world
+The datalist (``{"training": [...], "selection": [...], "validation": [...]}``: training, model selection, held-out
+test) holds per image the nodule boxes in ``cccwhd`` world
 millimetres, LPS (the LUNA16 annotation convention), so the real world -> image coordinate path is exercised. A
 nodule's box is the footprint of the voxels its nominal ellipsoid covers (where its intensity contribution is above
 half): with voxel index ``i`` centred at world ``affine @ i`` (NIfTI), covered indices ``i0..i1`` span world
@@ -66,7 +67,7 @@ NODULE_MARGIN_MM = 1.5  # minimum gap between a nodule and the lung wall
 VESSEL_GAP_MM = 2.0  # minimum gap between a vessel surface and a nodule box
 MIN_DIAMETER_MM, MAX_DIAMETER_MM = 3.0, 30.0
 
-_SPLITS = {"training": ("train", 0), "validation": ("val", 1)}
+_SPLITS = {"training": ("train", 0), "selection": ("select", 2), "validation": ("val", 1)}
 
 
 def _place_nodule(
@@ -259,9 +260,13 @@ def _save_nifti(path: str, volume: np.ndarray, affine: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _check_args(num_train: int, num_val: int, shape: Sequence[int], empty_fraction: float = 0.0) -> None:
+def _check_args(
+    num_train: int, num_val: int, shape: Sequence[int], empty_fraction: float = 0.0, num_select: int = 1
+) -> None:
     if int(num_train) < 1:
         raise ValueError(f"num_train must be >= 1, got {num_train}")
+    if int(num_select) < 1:
+        raise ValueError(f"num_select must be >= 1, got {num_select}")
     if int(num_val) < 0:
         raise ValueError(f"num_val must be >= 0, got {num_val}")
     if len(shape) != 3 or any(int(s) < 32 for s in shape):
@@ -279,18 +284,23 @@ def generate_dataset(
     datalist_name: str = "datalist.json",
     empty_fraction: float = 0.0,
     progress: bool = True,
+    num_select: int | None = None,
 ) -> str:
-    """Write ``out_dir/images/{train,val}_NNN.nii.gz``, ``out_dir/phantom_truth.json`` and the datalist.
+    """Write ``out_dir/images/{train,select,val}_NNN.nii.gz``, ``out_dir/phantom_truth.json`` and the datalist.
 
-    Image paths in the datalist are relative to ``out_dir``; ``datalist_name`` is joined to ``out_dir`` (an absolute
-    path is used as is). Each case draws from its own generator seeded by ``(seed, split, index)``, so a case does
-    not depend on how many others are made. The datalist is written last and atomically. Returns its path.
+    The datalist's ``selection`` list (``num_select`` cases, as many as ``validation`` by default, at least one) is
+    what training selects its model on (`scripts.data.selection`); ``validation`` is the held-out test set. Image
+    paths in the datalist are relative to ``out_dir``; ``datalist_name`` is joined to ``out_dir`` (an absolute path is
+    used as is). Each case draws from its own generator seeded by ``(seed, split, index)``, so a case does not depend
+    on how many others are made. The datalist is written last and atomically. Returns its path.
     """
-    _check_args(num_train, num_val, shape, empty_fraction)
+    num_select = max(int(num_val), 1) if num_select is None else int(num_select)
+    _check_args(num_train, num_val, shape, empty_fraction, num_select)
     shape = tuple(int(s) for s in shape)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    jobs = [(split, i) for split, n in (("training", num_train), ("validation", num_val)) for i in range(int(n))]
-    datalist: dict[str, list[dict[str, Any]]] = {"training": [], "validation": []}
+    counts = {"training": num_train, "selection": num_select, "validation": num_val}
+    jobs = [(split, i) for split, n in counts.items() for i in range(int(n))]
+    datalist: dict[str, list[dict[str, Any]]] = {split: [] for split in counts}
     truth: dict[str, Any] = {}
     for split, i in tqdm(jobs, desc="phantoms", unit="case", disable=not progress):
         prefix, split_code = _SPLITS[split]
@@ -330,6 +340,7 @@ def ensure_dataset(
     seed: int = 0,
     shape: Sequence[int] = DEFAULT_SHAPE,
     default_dir: str | None = None,
+    num_select: int | None = None,
 ) -> str:
     """Return ``data_list_file_path`` if it exists, else generate the phantom set into ``dataset_dir`` first.
 
@@ -356,6 +367,7 @@ def ensure_dataset(
         seed=seed,
         shape=shape,
         datalist_name=os.path.abspath(data_list_file_path),
+        num_select=num_select,
     )
 
 
@@ -363,7 +375,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m scripts.data.phantoms", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output folder (images/, datalist.json, phantom_truth.json)")
     parser.add_argument("--num-train", type=int, default=24)
-    parser.add_argument("--num-val", type=int, default=8)
+    parser.add_argument("--num-select", type=int, default=None, help="model-selection cases (default: --num-val)")
+    parser.add_argument("--num-val", type=int, default=8, help="held-out test cases (the datalist's validation)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE), metavar=("X", "Y", "Z"))
     parser.add_argument("--empty-fraction", type=float, default=0.0, help="share of cases without nodules")
@@ -381,14 +394,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             datalist_name=args.datalist_name,
             empty_fraction=args.empty_fraction,
             progress=not args.no_progress,
+            num_select=args.num_select,
         )
     except ValueError as e:
         parser.error(str(e))
     with open(path) as f:
         datalist = json.load(f)
-    items = datalist["training"] + datalist["validation"]
+    items = [item for section in datalist.values() for item in section]
+    counts = " + ".join(f"{len(v)} {k}" for k, v in datalist.items())
     print(
-        f"wrote {len(datalist['training'])} training + {len(datalist['validation'])} validation phantoms "
+        f"wrote {counts} phantoms "
         f"({sum(len(it['box']) for it in items)} nodules, shape {tuple(args.shape)}) to {path} "
         f"in {time.perf_counter() - start:.1f} s"
     )

@@ -177,12 +177,19 @@ def check_path(image: str, dataset_dir: str, rec: ItemRecorder) -> None:
         rec.warning("outside_dataset_dir", f"relative path {image!r} climbs out of dataset_dir {root}", path=image)
 
 
+def no_boxes(boxes: Any) -> bool:
+    """Whether a datalist ``box`` value holds no box: ``[]``, or empty lists only (``[[]]``, as some tools write)."""
+    return isinstance(boxes, (list, tuple)) and all(isinstance(b, (list, tuple)) and not b for b in boxes)
+
+
 def check_annotations(item: dict, rec: ItemRecorder, num_classes: int) -> Annotations:
     """Check keys and types of an item's boxes and labels on the raw datalist values."""
     for key in ("box", "label"):
         if key not in item:
             rec.error("missing_key", f'missing key "{key}"', key=key)
     boxes, labels = item.get("box", []), item.get("label", [])
+    if no_boxes(boxes):
+        boxes = []
     good: list[list[float]] = []
     positions: list[int] = []
     box_list_ok = isinstance(boxes, (list, tuple)) and all(isinstance(b, (list, tuple)) for b in boxes)
