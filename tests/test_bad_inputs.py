@@ -128,7 +128,7 @@ def test_check_data_names_every_bad_file(matrix: Matrix) -> None:
     named_on_one_line(done.stdout, matrix.with_problem("error"), "ERROR")
     named_on_one_line(done.stdout, matrix.with_problem("warning"), "WARNING")
     report = json.loads((matrix.root / "check" / "eval" / "data_check.json").read_text())
-    assert report["items"] == {"training": 3 + len(matrix.cases), "validation": 1}
+    assert report["items"] == {"training": 3 + len(matrix.cases), "selection": 1, "validation": 1}
     good = {str(matrix.data / f"images/{n}.nii.gz") for n in ("train_000", "train_001", "train_002", "val_000")}
     assert not good & {f["image"] for f in report["findings"]}
 
@@ -268,7 +268,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ("truncated_model", "cannot be read"),
         ("text_model", "cannot be read"),
         ("foreign_weights", "weights are for another network"),
-        ("empty_folder", "no NIfTI files"),
+        ("empty_folder", "no image files (*.nii.gz, *.nii, *.mhd, *.mha)"),
         ("wrong_key", "no 'test' list"),
     ],
 )

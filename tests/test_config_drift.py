@@ -63,8 +63,14 @@ def _ops(config_ops: list[str]) -> dict[str, str]:
 
 
 def test_detector_ops_are_train_json_s() -> None:
+    """The same settings; inference's window is the zoo's ``infer_patch_size``, train.json's ``val_patch_size``
+    unless a user overrides it."""
     train, infer = _ops(TRAIN["detector_ops"]), _ops(INFER["detector_ops"])
     assert set(infer) == set(SHARED_DETECTOR_OPS)
+    assert INFER["infer_patch_size"] == "@val_patch_size"
+    train["set_sliding_window_inferer"] = train["set_sliding_window_inferer"].replace(
+        "roi_size=@val_patch_size", "roi_size=@infer_patch_size"
+    )
     for name in SHARED_DETECTOR_OPS:
         assert infer[name] == train[name], name
 

@@ -33,11 +33,12 @@ def test_list_inputs_from_datalist_or_folder(phantoms: dict[str, str], tmp_path)
     assert all(os.path.isfile(i["image"]) for i in items)
     images = os.path.join(phantoms["dir"], "images")
     folder = list_inputs("", images)
-    assert [i["image_name"] for i in folder] == ["train_000.nii.gz", "train_001.nii.gz", "val_000.nii.gz"]
-    assert len(list_inputs(os.path.join(images, "missing.json"), images)) == 3
+    expected = ["select_000.nii.gz", "train_000.nii.gz", "train_001.nii.gz", "val_000.nii.gz"]
+    assert [i["image_name"] for i in folder] == expected
+    assert len(list_inputs(os.path.join(images, "missing.json"), images)) == len(expected)
     with pytest.raises(UserError, match="no 'test' list"):
         list_inputs(phantoms["datalist"], phantoms["dir"], "test")
-    with pytest.raises(UserError, match="no NIfTI files"):
+    with pytest.raises(UserError, match=r"no image files \(\*.nii.gz, \*.nii, \*.mhd, \*.mha\)"):
         list_inputs("", str(tmp_path))
 
 

@@ -1,12 +1,16 @@
 """What the data check reads from an image file, within a memory bound whatever the file claims.
 
 - `file_problem`: whether the path is a readable file at all (missing, broken link, link loop, folder, permission).
-- `read_header`: the NIfTI header (nibabel, no voxels read), as an `ImageHeader` the checks can judge before anything
+- `open_image`: a NIfTI file (nibabel) or a MetaImage (``.mhd`` + ``.raw``, `scripts.data.metaimage.open_metaimage`:
+  a memory map of the ``.raw``) with its voxels left on disk; other MetaImage forms (``.mha``, compressed data) are
+  read whole by ITK, as inference loads them.
+- `read_header`: the image header (no voxels read), as an `ImageHeader` the checks can judge before anything
   the size of the volume is allocated.
 - `read_voxel_stats`: NaN/Inf counts and the intensity range, read in slabs through nibabel's array proxy, so that a
   volume is never held whole.
-- `voxel_free`: the training loader with its image reading replaced by a stand-in of the same shape and metadata but
-  no voxels, so that the real orientation and box-coordinate transforms run on any volume size.
+- `voxel_free`: the training loader with its NIfTI and ``.mhd`` reading replaced by a stand-in of the same shape and
+  metadata but no voxels, so that the real orientation and box-coordinate transforms run on any volume size (a
+  ``.mha`` or compressed MetaImage is loaded by MONAI's ITK reader, for real).
 - `diagnose`: a reading or loading exception as a problem code and one line of text.
 """
 
@@ -23,9 +27,11 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 import torch
-from monai.data import NibabelReader
+from monai.data import ITKReader, NibabelReader
 from monai.transforms import Compose, LoadImaged
+from monai.utils import ensure_tuple
 
+from scripts.data.metaimage import MetaImageError, open_metaimage, read_metaimage_header
 from scripts.data.rules import ImageHeader, VoxelStats
 from scripts.errors import describe
 
@@ -42,6 +48,7 @@ __all__ = [
 
 SLAB_VOXELS = 2**23  # voxels read at a time: 32 MiB as float32, whatever the volume's size
 COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
+METAIMAGE_SUFFIXES = (".mhd", ".mha")
 
 
 @dataclass(frozen=True)
@@ -82,16 +89,34 @@ def file_problem(path: str) -> Diagnosis | None:
 
 
 def open_image(path: str) -> nib.spatialimages.SpatialImage:
-    """The nibabel image of ``path``: the header is read, the voxels stay on disk behind an array proxy."""
-    # keep_file_open: successive slabs of a gzip file continue the decompression instead of restarting it
-    return nib.load(path, keep_file_open=True)
+    """
+    The nibabel image of ``path``: the header is read, the voxels stay on disk behind an array proxy (NIfTI) or a
+    memory map (an uncompressed MetaImage ``.raw``); a ``.mha`` or compressed MetaImage is read whole by ITK. Raises
+    `MetaImageError` for a MetaImage header or data file that cannot be used (a missing ``.raw``, one of the wrong
+    size).
+    """
+    if not path.lower().endswith(METAIMAGE_SUFFIXES):
+        # keep_file_open: successive slabs of a gzip file continue the decompression instead of restarting it
+        return nib.load(path, keep_file_open=True)
+    if path.lower().endswith(".mhd"):
+        header = read_metaimage_header(path)
+        if not header.compressed:
+            image = open_metaimage(path)
+            image.file_map["image"].filename = header.data_file  # the file read_header judges
+            return image
+    reader = ITKReader()  # the RAS affine inference's LoadImaged gives the file
+    array, meta = reader.get_data(reader.read(path))
+    image = nib.Nifti1Image(np.asarray(array), np.asarray(meta["affine"], dtype=np.float64))
+    image.file_map["image"].filename = path
+    return image
 
 
 def read_header(image: nib.spatialimages.SpatialImage) -> ImageHeader:
-    """The `ImageHeader` of an opened image."""
+    """The `ImageHeader` of an opened image (one whose voxels are in memory counts as a complete file)."""
     proxy = image.dataobj
     data_file = str(image.file_map["image"].filename)
     suffix = os.path.splitext(data_file)[1].lower()
+    in_memory = isinstance(proxy, np.ndarray) and not isinstance(proxy, np.memmap)
     return ImageHeader(
         shape=tuple(int(s) for s in image.shape),
         dtype=np.dtype(image.get_data_dtype()),
@@ -100,7 +125,7 @@ def read_header(image: nib.spatialimages.SpatialImage) -> ImageHeader:
         affine=np.asarray(image.affine, dtype=np.float64),
         data_file=data_file,
         data_offset=int(getattr(proxy, "offset", 0)),
-        file_size=os.path.getsize(data_file),
+        file_size=int(proxy.nbytes) if in_memory else os.path.getsize(data_file),
         compression=COMPRESSION.get(suffix, ""),
     )
 
@@ -139,12 +164,36 @@ class VoxelFreeNibabelReader(NibabelReader):
         return torch.zeros((), dtype=torch.uint8).expand(tuple(int(s) for s in img.shape))
 
 
+class VoxelFreeMetaImageReader(VoxelFreeNibabelReader):
+    """
+    The same stand-in for an uncompressed ``.mhd``: its header through `scripts.data.metaimage.open_metaimage` (the
+    RAS affine MONAI's `ITKReader` gives it), no voxels. Compressed ones are left to the readers after it (ITK).
+    """
+
+    def verify_suffix(self, filename) -> bool:  # noqa: ANN001 (MONAI's signature)
+        names = [str(n) for n in ensure_tuple(filename)]
+        return all(n.lower().endswith(".mhd") and not _compressed(n) for n in names)
+
+    def read(self, data, **kwargs):  # noqa: ANN001, ANN003, ANN201 (MONAI's signature)
+        self.filenames = ensure_tuple(data)
+        images = [open_metaimage(str(n)) for n in self.filenames]
+        return images if len(images) > 1 else images[0]
+
+
+def _compressed(mhd: str) -> bool:
+    """Whether a ``.mhd``'s data is compressed (``False`` when its header cannot be read: the reader will say why)."""
+    try:
+        return read_metaimage_header(mhd).compressed
+    except MetaImageError:
+        return False
+
+
 def voxel_free(loader: Callable[[dict], dict]) -> Callable[[dict], dict]:
     """
-    ``loader`` (a `Compose`) with each `LoadImaged` reading NIfTI files through `VoxelFreeNibabelReader` and keeping
-    its type (no float32 copy): the transforms after it (channel, orientation, boxes) run for real, on the header's
-    shape and affine, and allocate at most one byte per voxel (where the orientation flips an axis). A loader that
-    is not a `Compose` is returned as it is.
+    ``loader`` (a `Compose`) with each `LoadImaged` reading NIfTI and uncompressed MetaImage files through
+    `VoxelFreeNibabelReader` and `VoxelFreeMetaImageReader`, keeping their type (no float32 copy): the transforms
+    after it (channel, orientation, boxes) run for real, on the header's shape and affine, and allocate at most one
+    byte per voxel (where the orientation flips an axis). A loader that is not a `Compose` is returned as it is.
     """
     if not isinstance(loader, Compose):
         return loader
@@ -153,6 +202,7 @@ def voxel_free(loader: Callable[[dict], dict]) -> Callable[[dict], dict]:
         if isinstance(t, LoadImaged):
             t = copy.deepcopy(t)
             t.register(VoxelFreeNibabelReader())  # readers registered last are tried first
+            t.register(VoxelFreeMetaImageReader())
             t._loader.dtype = None  # LoadImaged has no public setter; a float32 cast would allocate the volume
         transforms.append(t)
     return Compose(transforms)
@@ -177,6 +227,16 @@ def _looks_like_text(path: str) -> bool:
     return bool(text) and all(c.isprintable() or c.isspace() for c in text)
 
 
+def _metaimage_diagnosis(text: str, path: str) -> Diagnosis:
+    """The `Diagnosis` of a `MetaImageError` on ``path``, its line without the path the report already names."""
+    text = text.removeprefix(f"MetaImage {os.path.abspath(path)}: ")
+    if "does not exist" in text:
+        return Diagnosis("missing_file", "missing_data_file", text)
+    if "bytes" in text and "needs" in text:
+        return Diagnosis("unreadable", "size_mismatch", text)
+    return Diagnosis("unreadable", "bad_metaimage", text)
+
+
 def diagnose(e: BaseException, path: str) -> Diagnosis:
     """The `Diagnosis` of an exception raised while reading or loading ``path``, from its exception chain."""
     chain = list(_exception_chain(e))
@@ -185,6 +245,8 @@ def diagnose(e: BaseException, path: str) -> Diagnosis:
     for x in chain:
         text = str(x).splitlines()[0] if str(x) else type(x).__name__
         name = type(x).__name__
+        if isinstance(x, MetaImageError):
+            return _metaimage_diagnosis(text, path)
         if isinstance(x, np.linalg.LinAlgError) or "singular" in text.lower():
             return Diagnosis("degenerate_affine", "singular_affine", f"affine cannot be inverted ({text})")
         if isinstance(x, zlib.error) or name == "BadGzipFile" or "crc check failed" in text.lower():

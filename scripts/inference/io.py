@@ -1,4 +1,5 @@
-"""What goes into and out of ``inference.json``: the input list, the trained network, and the result JSON writer."""
+"""What goes into and out of ``inference.json``: the input list, the trained network, the result JSON and the LUNA16
+submission file."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from monai.handlers import CheckpointLoader
 
 from scripts.data.datalist import load_datalist
+from scripts.data.luna16_csv import Candidate, seriesuid_of, write_submission
 from scripts.data.quarantine import image_path
 from scripts.data.rules import resolve_image
 from scripts.data.screening import Rejected
@@ -28,11 +31,14 @@ __all__ = [
     "image_name",
     "list_inputs",
     "load_network",
+    "PretrainedLoader",
+    "submission_candidates",
 ]
 
 logger = logging.getLogger(__name__)
 
-NIFTI_PATTERNS = ("*.nii.gz", "*.nii")
+IMAGE_PATTERNS = ("*.nii.gz", "*.nii", "*.mhd", "*.mha")  # NIfTI, and MetaImage (the LUNA16 download), read by ITK
+LUNA16_CANDIDATES_PER_SCAN = 100  # LUNA16's evaluation keeps the 100 best candidates of each scan
 
 
 class InferenceFailed(UserError):
@@ -68,8 +74,9 @@ def list_inputs(data_list_file_path: str, dataset_dir: str, data_list_key: str =
 
     When ``data_list_file_path`` names an existing datalist, its ``data_list_key`` list is used, each ``image``
     resolved against ``dataset_dir`` when relative and written back as it is in the datalist. Otherwise (an empty
-    path, or a datalist that does not exist) every NIfTI file directly in ``dataset_dir`` is used, sorted, each
-    written as its path relative to ``dataset_dir``. Raises `UserError` when there is nothing to run on.
+    path, or a datalist that does not exist) every NIfTI (``.nii.gz``, ``.nii``) and MetaImage (``.mhd``, ``.mha``)
+    file directly in ``dataset_dir`` is used, sorted, each written as its path relative to ``dataset_dir``. Raises
+    `UserError` when there is nothing to run on.
     """
     if data_list_file_path and os.path.isfile(data_list_file_path):
         datalist = load_datalist(data_list_file_path)
@@ -85,16 +92,16 @@ def list_inputs(data_list_file_path: str, dataset_dir: str, data_list_key: str =
         if not names:
             raise UserError(f"{where}: the {data_list_key!r} list is empty")
     else:
-        found = sorted({p for pattern in NIFTI_PATTERNS for p in glob.glob(os.path.join(dataset_dir, pattern))})
+        found = sorted({p for pattern in IMAGE_PATTERNS for p in glob.glob(os.path.join(dataset_dir, pattern))})
         if not found:
             datalist = f"no datalist at {data_list_file_path}" if data_list_file_path else "no datalist given"
             raise UserError(
-                f"{datalist} and no NIfTI files (*.nii, *.nii.gz) in {os.path.abspath(dataset_dir)}: "
+                f"{datalist} and no image files ({', '.join(IMAGE_PATTERNS)}) in {os.path.abspath(dataset_dir)}: "
                 "set dataset_dir to the folder of the images, or data_list_file_path"
             )
         if data_list_file_path:
             logger.warning(
-                f"datalist {data_list_file_path} not found: running on the {len(found)} NIfTI files of {dataset_dir}"
+                f"datalist {data_list_file_path} not found: running on the {len(found)} image files of {dataset_dir}"
             )
         names = [os.path.relpath(p, dataset_dir) for p in found]
     return [{"image": resolve_image(n, dataset_dir), "image_name": n} for n in names]
@@ -158,6 +165,39 @@ def load_network(model_path: str, network_def: torch.nn.Module, device: torch.de
     return network_def.to(device)
 
 
+class PretrainedLoader(CheckpointLoader):
+    """
+    inference.json's ``checkpointloader`` (the model zoo's ID, run by ``initialize`` when ``load_pretrain``): MONAI's
+    `CheckpointLoader` of the trained weights into ``load_dict["model"]``, with the checks of `load_network` (a
+    one-line `UserError` naming the file when it is missing, unreadable or for another network) and a TorchScript
+    ``.ts`` file loaded as the network itself. The file is read once, whichever asks first: the ``network`` ID
+    (`network`), or ``initialize`` and engines it is attached to (calling it).
+
+    Args:
+        load_path: the ``model.pt`` (a state dict or a training checkpoint) or ``model.ts``.
+        load_dict: ``{"model": network_def}``, the network the weights go into.
+        name: the logger's name, as in `CheckpointLoader`.
+    """
+
+    def __init__(self, load_path: str, load_dict: dict[str, torch.nn.Module], name: str | None = None) -> None:
+        if "model" not in load_dict:
+            raise ValueError(f"PretrainedLoader: load_dict needs a 'model' entry, got {sorted(load_dict)}")
+        super().__init__(load_path=load_path, load_dict=load_dict, name=name)
+        self.loaded: torch.nn.Module | None = None
+
+    def network(self, device: torch.device | str) -> torch.nn.Module:
+        """The network with the weights of ``load_path``, on ``device``, loaded the first time only."""
+        if self.loaded is None:
+            self.loaded = load_network(self.load_path, self.load_dict["model"], device)
+        return self.loaded
+
+    def __call__(self, engine: Any = None) -> None:
+        """Load the weights onto the network's own device, unless done already. ``engine``: the one this handler is
+        attached to, or the runner ``initialize`` passes, as the zoo's does; not needed."""
+        parameter = next(self.load_dict["model"].parameters(), None)
+        self.network(parameter.device if parameter is not None else "cpu")
+
+
 def image_name(item: dict[str, Any]) -> str:
     """The name an input item is reported under: its ``image_name``, else the file its image was loaded from."""
     return str(item.get("image_name") or image_path(item))
@@ -167,7 +207,9 @@ class DetectionWriter:
     """
     Writes the predictions of an inference run as a datalist-format JSON,
     ``{data_list_key: [{"image", "box", "label", "label_scores"}], "failed": [{"image", "problem", "message"}]}``,
-    rewritten atomically after every image, so that a crash or a kill loses at most the image in flight.
+    and beside it the LUNA16 submission file (``seriesuid,coordX,coordY,coordZ,probability``: the centres of each
+    scan's 100 best boxes, in the world coordinates of the boxes, the seriesuid the image's file name without its
+    suffix), both rewritten atomically after every image, so that a crash or a kill loses at most the image in flight.
 
     Args:
         output_dir: folder of the result file (created if missing).
@@ -175,6 +217,7 @@ class DetectionWriter:
             the loaded ``image``) to the boxes to write, e.g. `AffineBoxToWorldCoordinated` then `ConvertBoxModed`.
         filename: name of the result file.
         data_list_key: the list the entries are written under.
+        submission_file: name of the submission file (``None`` or ``""``: none).
     """
 
     def __init__(
@@ -183,8 +226,10 @@ class DetectionWriter:
         postprocessing: Callable[[dict[str, Any]], dict[str, Any]],
         filename: str = "result.json",
         data_list_key: str = "validation",
+        submission_file: str | None = None,
     ) -> None:
         self.path = os.path.join(output_dir, filename)
+        self.submission_path = os.path.join(output_dir, submission_file) if submission_file else None
         self.postprocessing = postprocessing
         self.data_list_key = data_list_key
         self.results: list[dict[str, Any]] = []
@@ -216,6 +261,8 @@ class DetectionWriter:
         """Write the result file; returns its path."""
         failed = [dataclasses.asdict(f) for f in self.failures]
         write_json(self.path, {self.data_list_key: self.results, "failed": failed})
+        if self.submission_path is not None:
+            write_submission(self.submission_path, [c for r in self.results for c in submission_candidates(r)])
         return self.path
 
     def finish(self, report_path: str | None = None) -> str:
@@ -232,3 +279,13 @@ class DetectionWriter:
                 f"{path}" + (f" (data check report: {report_path})" if report_path else "")
             )
         return path
+
+
+def submission_candidates(entry: dict[str, Any]) -> list[Candidate]:
+    """
+    The LUNA16 candidates of one result entry: the centres of its ``cccwhd`` boxes with their scores, the best
+    `LUNA16_CANDIDATES_PER_SCAN` in order of score (ties in the detector's order), under ``seriesuid_of(image)``.
+    """
+    uid = seriesuid_of(entry["image"])
+    order = sorted(range(len(entry["box"])), key=lambda i: -entry["label_scores"][i])[:LUNA16_CANDIDATES_PER_SCAN]
+    return [Candidate(uid, tuple(entry["box"][i][:3]), entry["label_scores"][i]) for i in order]  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ any image failed.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ from scripts.evaluation.evaluator import DetectionInferer
 from scripts.inference.io import DetectionWriter, Failure, image_name
 from scripts.inference.previews import PreviewSaver
 
-__all__ = ["DetectionInference", "InferenceDataset"]
+__all__ = ["DetectionInference", "InferenceDataset", "VolumeInferer"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,34 @@ class InferenceDataset(Dataset):
             return _Loaded(None, Failure(image_name(item), "load_failed", f"{found.problem}: {found.text}"))
 
 
+class VolumeInferer(DetectionInferer):
+    """
+    inference.json's ``inferer``: `DetectionInferer` (the same autocast) that decides per call, as the model zoo's
+    ``RetinaNetInferer``, whether the detector slides its window: always with ``force_sliding_window``, otherwise only
+    when an image has at least as many voxels as the window (a smaller one goes through the network whole).
+
+    Args:
+        amp, amp_dtype: as `DetectionInferer`.
+        force_sliding_window: slide the window over every image (the zoo's ``force_sliding_window``).
+    """
+
+    def __init__(self, amp: bool = False, amp_dtype: str | None = None, force_sliding_window: bool = False) -> None:
+        super().__init__(amp=amp, amp_dtype=amp_dtype)
+        self.force_sliding_window = bool(force_sliding_window)
+
+    def slides(self, inputs: list[torch.Tensor], detector: torch.nn.Module) -> bool:
+        """Whether ``detector`` runs its sliding-window inferer on ``inputs`` (never when it has none set)."""
+        window = getattr(getattr(detector, "inferer", None), "roi_size", None)
+        if window is None:
+            return False
+        return self.force_sliding_window or any(x[0].numel() >= math.prod(window) for x in inputs)
+
+    def __call__(self, inputs: list[torch.Tensor], network: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        dtype = self.autocast_type(inputs[0].device)
+        with torch.autocast(inputs[0].device.type, dtype=dtype, enabled=dtype is not None):
+            return network(inputs, use_inferer=self.slides(inputs, network))
+
+
 def _single(batch: list[_Loaded]) -> _Loaded:
     return batch[0]
 
@@ -86,7 +115,7 @@ class DetectionInference:
             listed as failures.
         dataset: the usable inputs, loaded (an `InferenceDataset` of ``inputs.items``).
         inferer: runs the detector on a list of whole images, in the precision it sets
-            (`scripts.evaluation.evaluator.DetectionInferer`).
+            (`VolumeInferer`).
         writer: keeps and writes the results and failures.
         device: where the images go.
         previews: saves a picture per image (``None``: none).
@@ -99,7 +128,7 @@ class DetectionInference:
         detector: torch.nn.Module,
         inputs: ScreenedInputs,
         dataset: InferenceDataset,
-        inferer: DetectionInferer,
+        inferer: VolumeInferer,
         writer: DetectionWriter,
         device: torch.device | str,
         previews: PreviewSaver | None = None,
