@@ -68,6 +68,7 @@ __all__ = [
     "interval",
     "match_scan",
     "read_luna16_truth",
+    "save_froc_plot",
     "save_luna16_froc_figure",
     "score",
     "score_detections",
@@ -476,6 +477,27 @@ def score_detections(
     return {**result, "truth": source}, candidates
 
 
+def save_froc_plot(
+    fig: Any, ax: Any, title: str, path: str, legend: str = "best", ticks: Sequence[float] | None = None
+) -> None:
+    """Finish a FROC plot as LUNA16 draws it (log2 false-positive axis, labelled at ``ticks``; sensitivity 0 to 1),
+    save it to ``path`` and close it; both FROC figures (`scripts.evaluation.report`, this module's) end here."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xscale("log", base=2)
+    if ticks is not None:
+        ax.set_xticks(list(ticks), [f"{t:g}" for t in ticks])
+    ax.set_xlabel("false positives per scan")
+    ax.set_ylabel("sensitivity")
+    ax.set_ylim(0.0, 1.02)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc=legend)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def save_luna16_froc_figure(result: dict[str, Any], path: str) -> None:
     """Plot a `score` result (curve, interval band, the seven points and the CPM) to ``path`` (PNG), log-x."""
     import matplotlib
@@ -498,18 +520,9 @@ def save_luna16_froc_figure(result: dict[str, Any], path: str) -> None:
         if boot:
             label += f" ({boot['confidence']:.0%} CI {boot['cpm_low']:.3f}-{boot['cpm_high']:.3f})"
         ax.plot(rates, result["sensitivity"], "o", color="tab:red", label=label)
-    ax.set_xscale("log", base=2)
     ax.set_xlim(rates.min(), rates.max())
-    ax.set_xticks(rates, [f"{r:g}" for r in rates])
-    ax.set_xlabel("average false positives per scan")
-    ax.set_ylabel("sensitivity")
-    ax.set_ylim(0.0, 1.02)
-    ax.set_title(f"LUNA16 FROC, {result['num_scans']} scans, {result['num_nodules']} nodules")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    title = f"LUNA16 FROC, {result['num_scans']} scans, {result['num_nodules']} nodules"
+    save_froc_plot(fig, ax, title, path, ticks=rates)
 
 
 def write_luna16_report(result: dict[str, Any], output_dir: str) -> str:

@@ -99,16 +99,8 @@ def save_froc_figure(result: dict[str, Any], path: str) -> None:
         ax.plot(grid, np.interp(grid, fps, sens), "-", color="tab:blue", label="FROC")
     if result.get("cpm") is not None:
         ax.plot(result["fp_rates"], result["sensitivity"], "o", color="tab:red", label=f"CPM {result['cpm']:.3f}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("false positives per scan")
-    ax.set_ylabel("sensitivity")
-    ax.set_ylim(0.0, 1.02)
-    ax.set_title(f"FROC, {result['num_images']} scans, {result['num_nodules']} nodules")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    title = f"FROC, {result['num_images']} scans, {result['num_nodules']} nodules"
+    luna16_froc.save_froc_plot(fig, ax, title, path, legend="lower right")
 
 
 class EvaluationReport:
