@@ -218,30 +218,30 @@ def test_a_crash_keeps_the_results_so_far(phantoms: dict[str, str], tmp_path) ->
 
 
 @pytest.mark.parametrize("policy", ["exclude", "strict", "off"])
-def test_the_data_check_policy_of_inference(phantoms: dict[str, str], tmp_path, policy: str) -> None:
-    """The same image listed twice (as in the model zoo's CI data): skipped and listed, refused, or run twice."""
+def test_an_image_listed_three_times_is_inferred_once_for_each_listing_under_every_data_check_policy(
+    inferred: dict[str, str], phantoms: dict[str, str], tmp_path, policy: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the model zoo's CI lists one image three times: a repeat of an image that was inferred is not a failed image
     with open(phantoms["datalist"]) as f:
-        first = json.load(f)["validation"][0]
-    datalist = tmp_path / "twice.json"
-    datalist.write_text(json.dumps({"validation": [first, first]}))
-    save_tiny_model(str(tmp_path / "models" / "model.pt"))
-    overrides = {**TINY, "bundle_root": str(tmp_path), "dataset_dir": phantoms["dir"], "data_check": policy}
-    args = {"config_file": config("inference.json"), "data_list_file_path": str(datalist), **bundle_paths()}
-    result_path = tmp_path / "eval" / "result.json"
-    if policy == "off":
-        run("inference", **args, **overrides)
-        assert [r["image"] for r in json.loads(result_path.read_text())["validation"]] == [first["image"]] * 2
-        return
-    with pytest.raises(SystemExit) as e:
-        run("inference", **args, **overrides)
-    line = str(e.value.code)
-    if policy == "strict":
-        assert line.startswith("data check failed: 1 errors in 1 items") and "data_check to exclude" in line
-        assert not result_path.exists()
-    else:
-        assert line.startswith("inference failed on 1 of 2 images")
-        result = json.loads(result_path.read_text())
-        assert result["failed"][0]["problem"] == "duplicate_image" and len(result["validation"]) == 1
+        item = json.load(f)["validation"][0]
+    absolute = {**item, "image": os.path.join(phantoms["dir"], item["image"])}  # the same file, written otherwise
+    datalist = tmp_path / "repeats.json"
+    datalist.write_text(json.dumps({"validation": [item, item, absolute]}))
+    listed = list_inputs(str(datalist), phantoms["dir"])
+    assert [(i["image_name"], i["listings"]) for i in listed] == [(item["image"], 3)]
+    out = tmp_path / "out"
+    common = {"bundle_root": inferred["root"], "dataset_dir": phantoms["dir"], "output_dir": str(out)}
+    with caplog.at_level(logging.WARNING):
+        run("inference", config_file=config("inference.json"), data_list_file_path=str(datalist), data_check=policy,
+            **common, **TINY)  # fmt: skip
+    assert f"{item['image']} is listed 3 times" in caplog.text
+    result = json.loads((out / "result.json").read_text())
+    with open(os.path.join(inferred["pt"], "result.json")) as f:
+        once = json.load(f)["validation"][0]
+    assert result["failed"] == [] and result["validation"] == [once] * 3
+    with open(out / "submission.csv") as f:
+        rows = f.read().splitlines()[1:]
+    assert len(rows) == min(len(once["box"]), 100)  # one scan, once
 
 
 def _stitched(phantoms: dict[str, str], root, stitch_device: str) -> tuple[Any, torch.Tensor]:

@@ -76,7 +76,8 @@ def list_inputs(data_list_file_path: str, dataset_dir: str, data_list_key: str =
     resolved against ``dataset_dir`` when relative and written back as it is in the datalist. Otherwise (an empty
     path, or a datalist that does not exist) every NIfTI (``.nii.gz``, ``.nii``) and MetaImage (``.mhd``, ``.mha``)
     file directly in ``dataset_dir`` is used, sorted, each written as its path relative to ``dataset_dir``. Raises
-    `UserError` when there is nothing to run on.
+    `UserError` when there is nothing to run on. An image the datalist lists more than once (the same file) is run
+    once, with a warning; its item's ``listings`` says how often it is listed, so that its result stands for each.
     """
     if data_list_file_path and os.path.isfile(data_list_file_path):
         datalist = load_datalist(data_list_file_path)
@@ -104,7 +105,21 @@ def list_inputs(data_list_file_path: str, dataset_dir: str, data_list_key: str =
                 f"datalist {data_list_file_path} not found: running on the {len(found)} image files of {dataset_dir}"
             )
         names = [os.path.relpath(p, dataset_dir) for p in found]
-    return [{"image": resolve_image(n, dataset_dir), "image_name": n} for n in names]
+    items: dict[str, dict[str, Any]] = {}
+    for name in names:
+        image = resolve_image(name, dataset_dir)
+        key = os.path.realpath(image)
+        if key in items:
+            items[key]["listings"] += 1
+        else:
+            items[key] = {"image": image, "image_name": name, "listings": 1}
+    for item in items.values():
+        if item["listings"] > 1:
+            logger.warning(
+                f"{item['image_name']} is listed {item['listings']} times in {data_list_file_path} "
+                f"({data_list_key}): inferred once, its result written for each listing"
+            )
+    return list(items.values())
 
 
 def _state_dict_mismatch(network: torch.nn.Module, state: Any) -> str:
@@ -247,8 +262,10 @@ class DetectionWriter:
         }
 
     def add(self, item: dict[str, Any], pred: dict[str, Any]) -> None:
-        """Keep the result of one loaded image and rewrite the file."""
-        self.results.append(self.convert(item, pred))
+        """Keep the result of one loaded image (once for each time it is listed: ``listings``) and rewrite the
+        file."""
+        entry = self.convert(item, pred)
+        self.results += [entry] * int(item.get("listings", 1))
         self.write()
 
     def fail(self, failure: Failure) -> None:
@@ -262,7 +279,8 @@ class DetectionWriter:
         failed = [dataclasses.asdict(f) for f in self.failures]
         write_json(self.path, {self.data_list_key: self.results, "failed": failed})
         if self.submission_path is not None:
-            write_submission(self.submission_path, [c for r in self.results for c in submission_candidates(r)])
+            unique = {r["image"]: r for r in self.results}.values()  # a scan listed twice is one scan to LUNA16
+            write_submission(self.submission_path, [c for r in unique for c in submission_candidates(r)])
         return self.path
 
     def finish(self, report_path: str | None = None) -> str:
@@ -271,9 +289,9 @@ class DetectionWriter:
         any image got no result. ``report_path``: the data check's report, named in that line.
         """
         path = self.write()
-        logger.info(f"wrote the detections of {len(self.results)} images to {path}")
+        logger.info(f"wrote the detections of {len({r['image'] for r in self.results})} images to {path}")
         if self.failures:
-            total = len(self.failures) + len(self.results)
+            total = len(self.failures) + len({r["image"] for r in self.results})
             raise InferenceFailed(
                 f'inference failed on {len(self.failures)} of {total} images: they are listed under "failed" in '
                 f"{path}" + (f" (data check report: {report_path})" if report_path else "")
