@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 from monai.bundle import ConfigParser
-
 from scripts.data.phantoms import generate_dataset
 from scripts.tools.benchmark_inference import save_untrained
 

@@ -19,7 +19,6 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from bundle_helpers import TINY, parse  # noqa: E402
-
 from scripts.data.quarantine import Quarantine, QuarantineSampler  # noqa: E402
 from scripts.detection.schedule import WarmupDecayLR  # noqa: E402
 from scripts.detection.trainer import StabilisedDetectionTrainer  # noqa: E402

@@ -11,7 +11,6 @@ import torch
 from bundle_helpers import TINY, parse
 from conftest import make_trainer, tiny_detector, tiny_sample
 from monai.data.box_utils import box_iou
-
 from scripts.detection import precision
 from scripts.evaluation import evaluator
 from scripts.tools import fault_matrix
@@ -59,8 +58,7 @@ def test_the_autocast_type_on_cuda_is_fp16_or_the_one_asked_for():
 
 
 @pytest.mark.parametrize(
-    "cap, bf16",
-    [(None, True), ("AVX2", False), ("avx512_core_vnni", False), ("AVX512_CORE_BF16", True), ("ALL", True)],
+    "cap, bf16", [(None, True), ("AVX2", False), ("avx512_core_vnni", False), ("AVX512_CORE_BF16", True), ("ALL", True)]
 )
 def test_onednn_held_below_bf16_means_fp32(monkeypatch, cap, bf16):
     # with ONEDNN_MAX_CPU_ISA=AVX2 on this bf16 CPU, a bf16 ResNet50 step took 30.5 s against 0.74 s in fp32

@@ -6,7 +6,6 @@ import os
 import sys
 
 from bundle_helpers import REPO, config
-
 from scripts.tools import benchmark_gpu
 
 

@@ -16,7 +16,6 @@ from monai.bundle import ConfigParser
 from monai.bundle.config_item import ComponentLocator
 from monai.networks.nets.resnet import resnet50
 from monai.utils import optional_import
-
 from scripts.data.phantoms import generate_dataset
 
 TINY_CONFIG = "tests/data/tiny.json"

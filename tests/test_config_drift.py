@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from bundle_helpers import TINY, config, parse
-
 from scripts.data.phantoms import generate_dataset
 
 TRAIN = json.loads(Path(config("train.json")).read_text())

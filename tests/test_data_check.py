@@ -14,7 +14,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 from bundle_helpers import parse
-
 from scripts.data.check import DataCheckFailed, DataReport, check_datalist, run_check_data
 from scripts.data.datalist import DatalistError
 from scripts.data.quarantine import Quarantine

@@ -11,7 +11,6 @@ import pytest
 from monai.apps.detection.metrics.coco import COCOMetric
 from monai.bundle import run
 from monai.data.box_utils import convert_box_mode
-
 from scripts.evaluation.froc import LUNA16_FP_RATES, froc
 from scripts.evaluation.report import evaluation_metrics
 from tests.bundle_helpers import TINY, bundle_paths, config, make_phantoms, save_tiny_model

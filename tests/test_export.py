@@ -9,7 +9,6 @@ import sys
 
 import torch
 from monai.bundle import ConfigParser
-
 from tests.bundle_helpers import REPO, TINY, config, save_tiny_model
 
 

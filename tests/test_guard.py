@@ -15,7 +15,6 @@ from conftest import assert_same_state, finite_weights, make_trainer, poison_gra
 from ignite.engine import Events
 from monai.data import Dataset, MetaTensor
 from monai.data.utils import no_collation
-
 from scripts.data.quarantine import Quarantine, QuarantineSampler
 from scripts.guard import lr_policy
 from scripts.guard.lr_search import SearchResult, Trial

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-
 from scripts.detection.schedule import WarmupDecayLR
 from scripts.detection.step_report import StepReport, read_to_host
 from scripts.guard.blame import FileBlame

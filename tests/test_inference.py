@@ -13,7 +13,6 @@ import pytest
 import torch
 from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector as MonaiRetinaNetDetector
 from monai.bundle import run
-
 from scripts.data.workers import loader_workers
 from scripts.errors import UserError
 from scripts.inference.io import DetectionWriter, InferenceFailed, list_inputs

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from scripts.detection.schedule import WarmupDecayLR
 from scripts.detection.step_report import StepReport
 from scripts.guard.lr_control import LRControl

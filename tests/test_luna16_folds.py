@@ -8,7 +8,6 @@ import shutil
 
 import pytest
 from bundle_helpers import config, make_phantoms
-
 from scripts.data.luna16_csv import Candidate, seriesuid_of, write_submission
 from scripts.errors import UserError
 from scripts.tools.luna16_folds import find_folds, fold_commands, held_out_scans, run_folds

@@ -13,7 +13,6 @@ import time
 import numpy as np
 import pytest
 from monai.bundle import ConfigParser, run
-
 from scripts.data.luna16_csv import Candidate, Finding, read_submission, seriesuid_of, write_submission
 from scripts.evaluation.luna16_froc import (
     FP_RATES,

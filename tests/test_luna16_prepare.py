@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from monai.apps.detection.transforms.dictionary import AffineBoxToImageCoordinated, ConvertBoxToStandardModed
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImage, LoadImaged
-
 from scripts.data.luna16_phantoms import generate_luna16
 from scripts.data.luna16_prepare import TARGET_SPACING, Luna16PrepareError, prepare_luna16
 from scripts.data.metaimage import MetaImageError, is_oblique, open_metaimage, ras_affine, read_metaimage_header

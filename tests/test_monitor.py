@@ -14,9 +14,8 @@ from ignite.engine import Events
 from monai.data import Dataset
 from monai.data.utils import no_collation
 from monai.handlers import MLFlowHandler
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from scripts.guard.monitor import TrainingMonitor
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
 class RecordingMLflow(MLFlowHandler):
@@ -106,7 +105,6 @@ def test_run_cost_says_once_how_long_the_run_will_take(caplog):
     import time
 
     from ignite.engine import Engine
-
     from scripts.detection.run_cost import RunCostEstimate
 
     engine = Engine(lambda e, batch: time.sleep(0.01))

@@ -13,13 +13,12 @@ from conftest import make_trainer, tiny_sample
 from ignite.engine import Events
 from monai.data import Dataset
 from monai.data.utils import no_collation
-from test_bundle import TINY_CONFIG, bundle
-
 from scripts.data.datalist import resolved_items
 from scripts.data.phantoms import generate_dataset
 from scripts.data.quarantine import Quarantine, QuarantineSampler
 from scripts.data.report import DataReport
 from scripts.data.rules import check_annotations, no_boxes
+from test_bundle import TINY_CONFIG, bundle
 
 
 @pytest.mark.parametrize(

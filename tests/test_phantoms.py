@@ -11,7 +11,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from scripts.data.phantoms import DEFAULT_SPACING, ensure_dataset, generate_case, generate_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

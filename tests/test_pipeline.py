@@ -18,15 +18,7 @@ import torch
 from bundle_helpers import parse
 from monai.apps.detection.transforms.dictionary import BoxToMaskd, MaskToBoxd, RandCropBoxByPosNegLabeld
 from monai.data import CacheDataset
-from monai.transforms import (
-    Compose,
-    DeleteItemsd,
-    NormalizeIntensityd,
-    RandGaussianSmoothd,
-    RandRotated,
-    SpatialCrop,
-)
-
+from monai.transforms import Compose, DeleteItemsd, NormalizeIntensityd, RandGaussianSmoothd, RandRotated, SpatialCrop
 from scripts.data import cache
 from scripts.data.augment import RandRotateBoxd, SeparableRandGaussianSmoothd
 from scripts.data.cache import SharedPersistentDataset, detection_dataset

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from monai.bundle import run
 from monai.handlers import CheckpointLoader
-
 from scripts.data.luna16_csv import seriesuid_of
 from scripts.data.luna16_phantoms import MetaImageGeometry, write_metaimage
 from scripts.data.probe import voxel_free

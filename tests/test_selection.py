@@ -8,11 +8,10 @@ import os
 
 import pytest
 from bundle_helpers import parse
-from test_bundle import TINY_CONFIG, bundle
-
 from scripts.data.phantoms import generate_dataset
 from scripts.data.selection import NoSelectionImages, selection_count, training_datalists
 from scripts.errors import UserError
+from test_bundle import TINY_CONFIG, bundle
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,6 @@ from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorSha
 from monai.apps.detection.utils.ATSS_matcher import ATSSMatcher
 from monai.apps.detection.utils.box_coder import BoxCoder
 from monai.apps.detection.utils.hard_negative_sampler import HardNegativeSampler
-
 from scripts.detection.detector import ANCHOR_SCORES
 from scripts.detection.sync_free_heads import SyncFreeClassificationHead, SyncFreeRegressionHead
 from scripts.detection.sync_free_losses import SyncFreeRetinaNetLoss, sample_anchors, sample_counts
@@ -397,7 +396,6 @@ def test_a_matcher_the_sync_free_path_does_not_reproduce_names_the_setting_that_
 def test_image_padding_equals_monai_without_syncs():
     from monai.apps.detection.utils.detector_utils import pad_images
     from monai.data import MetaTensor
-
     from scripts.detection.detector import _pad_image_list
 
     images = [torch.rand(1, 60, 64, 30), MetaTensor(torch.rand(1, 64, 50, 32)), torch.rand(1, 33, 17, 9)]
@@ -431,9 +429,8 @@ def test_the_full_recipe_forward_runs_on_a_cuda_device_without_reading_it(sync_f
     batch (192x192x80, 4), with crops holding several boxes, a box at the border and no box; MONAI's path reads the
     boxes on the host and fails here, which shows the check can.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     from scripts.tools.count_train_syncs import build_detector
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
     detector = build_detector(tiny=False)
     detector.set_sync_free(sync_free)

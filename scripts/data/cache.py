@@ -29,7 +29,6 @@ import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.data.utils import pickle_hashing
 from monai.utils import convert_to_tensor
-
 from scripts.json_io import write_atomically
 
 __all__ = ["SharedPersistentDataset", "detection_dataset", "file_state_hash"]

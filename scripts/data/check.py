@@ -38,18 +38,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from scripts.data.datalist import SECTIONS, DatalistError, load_datalist, section_items
-from scripts.data.probe import (
-    Diagnosis,
-    diagnose,
-    file_problem,
-    open_image,
-    read_header,
-    read_voxel_stats,
-    voxel_free,
-)
+from scripts.data.probe import Diagnosis, diagnose, file_problem, open_image, read_header, read_voxel_stats, voxel_free
 from scripts.data.report import DataReport, ItemRecorder
 from scripts.data.rules import (
     Annotations,
@@ -63,6 +53,7 @@ from scripts.data.rules import (
     resolve_image,
 )
 from scripts.errors import UserError, describe
+from tqdm import tqdm
 
 __all__ = [
     "CaseWalk",

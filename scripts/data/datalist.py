@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
 from scripts.data.report import DataReport
 from scripts.data.rules import no_boxes, resolve_image
 from scripts.errors import UserError

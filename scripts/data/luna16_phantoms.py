@@ -20,10 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
-
 from scripts.data.phantoms import generate_case
 from scripts.json_io import write_atomically, write_json
+from tqdm import tqdm
 
 __all__ = ["SPACINGS", "LUNA16_DIRECTIONS", "MetaImageGeometry", "generate_luna16", "write_metaimage"]
 

@@ -49,8 +49,6 @@ import numpy as np
 import torch
 from monai.data import ITKReader
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
-from tqdm import tqdm
-
 from scripts.data.luna16_csv import Finding, read_findings, read_seriesuids, seriesuid_of
 from scripts.data.metaimage import (
     MetaImageError,
@@ -61,6 +59,7 @@ from scripts.data.metaimage import (
 )
 from scripts.errors import UserError
 from scripts.json_io import write_atomically, write_json
+from tqdm import tqdm
 
 __all__ = [
     "POLICIES",

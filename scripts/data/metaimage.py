@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
-
 from scripts.errors import UserError
 
 __all__ = [

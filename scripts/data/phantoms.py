@@ -30,8 +30,6 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from tqdm import tqdm
-
 from scripts.data.phantom_geometry import (
     DIRECTIONS,
     blend,
@@ -45,6 +43,7 @@ from scripts.data.phantom_geometry import (
 )
 from scripts.errors import UserError
 from scripts.json_io import write_json
+from tqdm import tqdm
 
 __all__ = ["DEFAULT_SHAPE", "DEFAULT_SPACING", "generate_case", "generate_dataset", "ensure_dataset"]
 

@@ -30,7 +30,6 @@ import torch
 from monai.data import ITKReader, NibabelReader
 from monai.transforms import Compose, LoadImaged
 from monai.utils import ensure_tuple
-
 from scripts.data.metaimage import MetaImageError, open_metaimage, read_metaimage_header
 from scripts.data.rules import ImageHeader, VoxelStats
 from scripts.errors import describe
@@ -143,9 +142,7 @@ def _slabs(image: nib.spatialimages.SpatialImage, slab_voxels: int) -> Iterator[
 
 
 def read_voxel_stats(
-    image: nib.spatialimages.SpatialImage,
-    intensity_range: tuple[float, float] | None,
-    slab_voxels: int = SLAB_VOXELS,
+    image: nib.spatialimages.SpatialImage, intensity_range: tuple[float, float] | None, slab_voxels: int = SLAB_VOXELS
 ) -> VoxelStats:
     """`VoxelStats` of every voxel of ``image``, read ``slab_voxels`` at a time; reading errors propagate."""
     stats = VoxelStats()

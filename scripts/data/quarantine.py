@@ -14,11 +14,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data.distributed import DistributedSampler
-
 from scripts.distributed import is_distributed
 from scripts.errors import UserError
 from scripts.json_io import write_json
+from torch.utils.data.distributed import DistributedSampler
 
 __all__ = ["NoTrainingImages", "Quarantine", "QuarantineSampler", "image_path"]
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
 from scripts.data.report import ItemRecorder
 
 __all__ = [

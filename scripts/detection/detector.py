@@ -31,7 +31,6 @@ import torch
 from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector as MonaiRetinaNetDetector
 from monai.apps.detection.utils.detector_utils import check_training_targets, pad_images
 from monai.apps.detection.utils.predict_utils import ensure_dict_value_to_list_
-
 from scripts.detection.sync_free_heads import make_heads_sync_free
 from scripts.detection.sync_free_losses import SyncFreeRetinaNetLoss
 

@@ -43,17 +43,10 @@ import torch
 from monai.apps.detection.utils.ATSS_matcher import ATSSMatcher
 from monai.apps.detection.utils.hard_negative_sampler import HardNegativeSampler
 from monai.data.box_utils import box_iou
+from scripts.detection.targets import BELOW_LOW_THRESHOLD, atss_match, encode_boxes, pad_targets
 from torch import Tensor, nn
 
-from scripts.detection.targets import BELOW_LOW_THRESHOLD, atss_match, encode_boxes, pad_targets
-
-__all__ = [
-    "SUPPORTED_LOSSES",
-    "SyncFreeLosses",
-    "SyncFreeRetinaNetLoss",
-    "sample_anchors",
-    "sample_counts",
-]
+__all__ = ["SUPPORTED_LOSSES", "SyncFreeLosses", "SyncFreeRetinaNetLoss", "sample_anchors", "sample_counts"]
 
 # losses whose ``reduction="mean"`` is the mean of their ``reduction="none"`` output, the one reduction reproduced
 # here with masks; MONAI's FocalLoss is not among them (its "sum" sums per class first)

@@ -21,14 +21,13 @@ from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
 from monai.handlers import StatsHandler
 from monai.inferers import Inferer, SimpleInferer
-from torch.utils.data import DataLoader
-
 from scripts.data.quarantine import image_path
 from scripts.detection.detector import ANCHOR_SCORE_NAMES, ANCHOR_SCORES, HEADS_FINITE
 from scripts.detection.precision import autocast_type, precision_name
 from scripts.detection.step_report import EVENT_KINDS, StepReport, read_to_host
 from scripts.distributed import is_distributed
 from scripts.errors import UserError
+from torch.utils.data import DataLoader
 
 __all__ = ["DetectionBatch", "StabilisedDetectionTrainer", "detection_prepare_batch"]
 
@@ -196,7 +195,8 @@ class StabilisedDetectionTrainer(Trainer):
             first, rest = ((args[0](),), args[1:]) if args and isinstance(args[0], weakref.ref) else ((), args)
             try:
                 func(*first, e, *rest, **kwargs)
-            except BaseException as raised:  # the re-raise of ``e``, or a handler's own failure
+            # B036 asks for a re-raise in the handler: ``e`` is raised after the loop, once every handler had its turn.
+            except BaseException as raised:  # noqa: B036 (the re-raise of ``e``, or a handler's own failure)
                 if raised is not e:
                     logger.exception(f"an EXCEPTION_RAISED handler failed while handling {type(e).__name__}")
         raise e

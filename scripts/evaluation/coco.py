@@ -10,7 +10,6 @@ from monai.apps.detection.metrics.coco import COCOMetric
 from monai.apps.detection.metrics.matching import matching_batch
 from monai.data.box_utils import box_iou
 from monai.utils import convert_to_numpy
-
 from scripts.distributed import gather_lists
 
 __all__ = ["CocoDetectionMetric", "coco_results"]

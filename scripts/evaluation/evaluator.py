@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from monai.engines import SupervisedEvaluator
 from monai.inferers import Inferer
-
 from scripts.detection.precision import autocast_type
 
 __all__ = ["DetectionInferer", "DetectionEvaluator", "detection_prepare_val_batch"]

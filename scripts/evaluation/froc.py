@@ -33,12 +33,7 @@ LUNA16_FP_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 def image_fp_tp_probs(
-    pred_boxes: Any,
-    pred_scores: Any,
-    pred_labels: Any,
-    gt_boxes: Any,
-    gt_labels: Any,
-    iou_threshold: float = 0.1,
+    pred_boxes: Any, pred_scores: Any, pred_labels: Any, gt_boxes: Any, gt_labels: Any, iou_threshold: float = 0.1
 ) -> tuple[np.ndarray, np.ndarray]:
     """
     Scores of the false positives of one image, and per nodule the score it is detected with (0 if missed).

@@ -42,8 +42,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
-
 from scripts.data.luna16_csv import (
     Candidate,
     Finding,
@@ -54,6 +52,7 @@ from scripts.data.luna16_csv import (
 )
 from scripts.errors import UserError
 from scripts.json_io import write_json
+from tqdm import tqdm
 
 __all__ = [
     "FP_RATES",
@@ -381,11 +380,7 @@ def score(
             "cpm_mean": cpm.mean,
             "cpm_low": cpm.low,
             "cpm_high": cpm.high,
-            "band": {
-                "fps_per_scan": BAND_RATES.tolist(),
-                "low": [b.low for b in band],
-                "high": [b.high for b in band],
-            },
+            "band": {"fps_per_scan": BAND_RATES.tolist(), "low": [b.low for b in band], "high": [b.high for b in band]},
         }
     return result
 
@@ -439,10 +434,7 @@ def _xyz(v: np.ndarray) -> tuple[float, float, float]:
 
 
 def score_detections(
-    scans: Sequence[ScanDetections],
-    luna16_dir: str | None = None,
-    max_candidates: int = MAX_CANDIDATES,
-    **kwargs: Any,
+    scans: Sequence[ScanDetections], luna16_dir: str | None = None, max_candidates: int = MAX_CANDIDATES, **kwargs: Any
 ) -> tuple[dict[str, Any], list[Candidate]]:
     """
     The official FROC of evaluated scans, and their submission (each scan's candidates within the cut).

@@ -14,7 +14,6 @@ from ignite.engine import Engine, Events
 from monai.apps.detection.metrics.coco import COCOMetric
 from monai.apps.detection.transforms.dictionary import AffineBoxToWorldCoordinated
 from monai.utils import convert_to_numpy
-
 from scripts.data.luna16_csv import seriesuid_of, write_submission
 from scripts.distributed import gather_lists
 from scripts.evaluation import luna16_froc

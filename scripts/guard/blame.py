@@ -46,8 +46,8 @@ class FileBlame:
     def seen(self, files: Iterable[str]) -> None:
         """Count one iteration and the (distinct, non-empty) files that took part in it."""
         self.iterations += 1
-        for f in {os.path.abspath(f) for f in files if f}:
-            self.stats.setdefault(f, [0, 0])[1] += 1
+        for path in {os.path.abspath(f) for f in files if f}:
+            self.stats.setdefault(path, [0, 0])[1] += 1
 
     def blame(self, files: Iterable[str], kind: str) -> Verdict:
         """

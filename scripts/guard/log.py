@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-
 from scripts.guard.lr_search import SearchResult
 from scripts.json_io import write_json
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from ignite.engine import Engine
-
 from scripts.guard.lr_control import LRControl
 from scripts.guard.lr_search import SearchResult, TrialRunner, confirm, search_lr
 from scripts.guard.snapshot import Snapshot

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
 from scripts.detection.step_report import StepReport
 from scripts.guard.snapshot import Snapshot
 
@@ -220,10 +219,7 @@ class TrialRunner:
 
 def random_state() -> dict[str, Any]:
     """Torch's CPU and CUDA generator states (the detector's hard-negative sampler draws from them)."""
-    return {
-        "cpu": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_random_state(state: dict[str, Any]) -> None:

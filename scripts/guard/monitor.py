@@ -16,10 +16,9 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
+from scripts.detection.step_report import StepReport
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
-
-from scripts.detection.step_report import StepReport
 
 __all__ = ["TrainingMonitor"]
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
-
 from scripts.data.quarantine import Quarantine
 from scripts.detection.step_report import StepReport
 from scripts.errors import UserError

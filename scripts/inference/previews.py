@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from scripts.inference.io import image_name
 
 __all__ = ["PreviewSaver", "save_preview"]

@@ -15,9 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
-
 from scripts.data.probe import diagnose
 from scripts.data.screening import ScreenedInputs
 from scripts.detection.precision import precision_name
@@ -25,6 +22,8 @@ from scripts.errors import describe
 from scripts.evaluation.evaluator import DetectionInferer
 from scripts.inference.io import DetectionWriter, Failure, image_name
 from scripts.inference.previews import PreviewSaver
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 __all__ = ["DetectionInference", "InferenceDataset", "VolumeInferer"]
 

@@ -38,7 +38,6 @@ import time
 from collections.abc import Callable
 
 import torch
-
 from scripts.detection.precision import precision_name
 from scripts.tools.benchmark_guard import build, make_batches, read_configs, step
 from scripts.tools.benchmark_inference import compare

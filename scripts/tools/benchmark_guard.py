@@ -17,7 +17,6 @@ import time
 import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
-
 from scripts.detection.schedule import WarmupDecayLR
 from scripts.detection.trainer import StabilisedDetectionTrainer
 from scripts.guard.stability_guard import StabilityGuard

@@ -30,7 +30,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-
 from scripts.data.phantoms import generate_dataset
 from scripts.tools.benchmark_guard import read_configs
 

@@ -40,16 +40,8 @@ from monai.apps.detection.transforms.dictionary import BoxToMaskd, MaskToBoxd, R
 from monai.bundle import ConfigParser
 from monai.data import CacheDataset, DataLoader, Dataset
 from monai.data.utils import no_collation
-from monai.transforms import (
-    Compose,
-    DeleteItemsd,
-    RandGaussianSmoothd,
-    RandomizableTrait,
-    RandRotated,
-    Transform,
-)
+from monai.transforms import Compose, DeleteItemsd, RandGaussianSmoothd, RandomizableTrait, RandRotated, Transform
 from monai.utils import set_determinism
-
 from scripts.data.augment import RandRotateBoxd, SeparableRandGaussianSmoothd
 from scripts.data.crop import CompactRandCropBoxByPosNegLabeld
 from scripts.data.phantoms import generate_dataset

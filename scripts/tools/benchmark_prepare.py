@@ -35,7 +35,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-
 from scripts.data.luna16_phantoms import MetaImageGeometry, write_metaimage
 from scripts.data.phantoms import generate_case
 

@@ -11,7 +11,6 @@ import os
 
 import torch
 from monai.bundle import ConfigParser
-
 from scripts.tools.sync_count import SyncCounter
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

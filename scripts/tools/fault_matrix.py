@@ -29,7 +29,6 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-
 from scripts.data.phantoms import generate_dataset
 from scripts.detection.precision import autocast_type
 from scripts.json_io import write_json
@@ -131,21 +130,12 @@ def _faults(sgd_lr: float, adamw_lr: float, iterations: int) -> list[Fault]:
         Fault(
             "inf gradients, 10-iteration burst",
             "healthy sgd",
-            {
-                **sgd,
-                "learning_rate": sgd_lr,
-                "train#extra_handlers#fault": inf_burst,
-            },
+            {**sgd, "learning_rate": sgd_lr, "train#extra_handlers#fault": inf_burst},
         ),
         Fault(
             "fp16 overflow, 10-iteration burst",
             "healthy sgd, amp",
-            {
-                **sgd,
-                "learning_rate": sgd_lr,
-                "amp": True,
-                "train#extra_handlers#fault": fp16_burst,
-            },
+            {**sgd, "learning_rate": sgd_lr, "amp": True, "train#extra_handlers#fault": fp16_burst},
             needs="cuda",
         ),
         Fault("healthy sgd, amp", "healthy sgd, amp", {**sgd, "learning_rate": sgd_lr, "amp": True}, needs="autocast"),
