@@ -22,10 +22,9 @@ import numpy as np
 import pytest
 from bundle_helpers import REPO, TINY, bundle_paths, config, make_phantoms, save_tiny_model
 from monai.bundle import run
-from test_data_check import BAD_INPUTS, item, write_volume
-
 from scripts.data.phantoms import ensure_dataset, generate_dataset
 from scripts.errors import UserError
+from test_data_check import BAD_INPUTS, item, write_volume
 
 TINY_CONFIG = os.path.join(REPO, "tests", "data", "tiny.json")
 # problems of the datalist entry, not of the image: inference, which reads no boxes, runs these images
@@ -264,7 +263,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.parametrize(
     "case, expected",
     [
-        ("missing_model", "does not exist"),
+        ("missing_model", "or download the zoo's LUNA16 weights that large_files.yml lists (https://developer"),
         ("truncated_model", "cannot be read"),
         ("text_model", "cannot be read"),
         ("foreign_weights", "weights are for another network"),

@@ -5,15 +5,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 
 import monai.apps.utils
 import pytest
 import torch
 from monai.bundle import verify_metadata
-
+from packaging.version import Version
 from tests.bundle_helpers import REPO, TINY, config, parse
 
 SCHEMA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "meta_schema_20240725.json")
+# the zoo's CPU premerge installs metadata.json's pins on Python 3.10; requirements.txt is our CI's (Python 3.11),
+# whose numpy and matplotlib releases need Python 3.11: metadata.json names the newest releases for Python 3.10
+PYTHON_310_PINS = {"numpy": "2.2.6", "matplotlib": "3.10.9"}
+# the model zoo's published LUNA16 weights, as its models/lung_nodule_ct_detection/large_files.yml gives them
+ZOO_FILES = (
+    "https://developer.download.nvidia.com/assets/Clara/monai/tutorials/model_zoo/model_lung_nodule_ct_detection"
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +41,50 @@ def test_verify_metadata_offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_version_and_packages(metadata: dict) -> None:
-    assert metadata["version"] in metadata["changelog"]
     assert metadata["monai_version"] == "1.6.1"
     requirements = os.path.join(REPO, "requirements.txt")
     with open(requirements) as f:
         pins = dict(line.strip().split("==") for line in f if "==" in line)
     for name, version in metadata["required_packages_version"].items():
-        assert pins[name] == version, name
+        assert version == PYTHON_310_PINS.get(name, pins[name]), name
     assert metadata["pytorch_version"] == pins["torch"]
+    assert metadata["numpy_version"] == PYTHON_310_PINS["numpy"]
+    assert "numpy" not in pins and Version(pins["matplotlib"]) > Version(PYTHON_310_PINS["matplotlib"])
+
+
+def test_changelog_continues_the_zoo_s(metadata: dict) -> None:
+    versions = list(metadata["changelog"])
+    # the zoo's ci/utils.py takes the latest version as the last of the sorted strings
+    assert metadata["version"] == versions[0] == sorted(versions)[-1] == str(max(map(Version, versions))) == "1.0.0"
+    assert versions == sorted(versions, key=Version, reverse=True)
+    zoo = [v for v in versions if Version(v) <= Version("0.6.8")]
+    assert len(zoo) == 29 and zoo[0] == "0.6.8" and zoo[-1] == "0.1.0"
+    assert metadata["changelog"]["0.6.8"] == "update issue for IgniteInfo"
+    assert metadata["changelog"]["0.1.0"] == "complete the model package"
+
+
+def test_eval_metrics_name_their_model(metadata: dict) -> None:
+    zoo = metadata["eval_metrics"]["luna16_fold0_zoo_weights"]
+    assert "large_files.yml" in zoo["description"] and "fold 0" in zoo["description"]
+    assert zoo["mAP_IoU_0.10_0.50_0.05_MaxDet_100"] == 0.852 and zoo["AP_IoU_0.10_MaxDet_100"] == 0.858
+    assert zoo["mAR_IoU_0.10_0.50_0.05_MaxDet_100"] == 0.998 and zoo["AR_IoU_0.10_MaxDet_100"] == 1.0
+    assert "phantoms" in metadata["eval_metrics"]["phantom_demo"]["description"]
+
+
+def test_large_files_are_the_zoo_s_weights() -> None:
+    # the zoo reads it with PyYAML (ci/utils.py download_large_files), which the bundle does not need: its entries
+    # are flat `key: "value"` lines, each starting at "- path"
+    with open(os.path.join(REPO, "large_files.yml")) as f:
+        text = f.read()
+    assert text.startswith("large_files:\n")
+    entries = [dict(re.findall(r'(\w+): "([^"]*)"', entry)) for entry in text.split("\n- ")[1:]]
+    files = {f["path"]: f for f in entries}
+    assert set(files) == {"models/model.pt", "models/model.ts"}
+    assert files["models/model.pt"]["url"] == ZOO_FILES + ".pt"
+    assert files["models/model.ts"]["url"] == ZOO_FILES + ".ts"
+    assert files["models/model.pt"]["hash_val"] == "b2e732a7c2786e2f8398fa45293b1e73"
+    assert files["models/model.ts"]["hash_val"] == "f5567e1c74b41964b2a0b19ea855f3b0"
+    assert {f["hash_type"] for f in files.values()} == {"md5"}
 
 
 def test_network_matches_declared_io(metadata: dict) -> None:

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 from monai.handlers import CheckpointLoader
-
 from scripts.data.datalist import load_datalist
 from scripts.data.luna16_csv import Candidate, seriesuid_of, write_submission
 from scripts.data.quarantine import image_path
@@ -37,6 +36,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# models/model.pt of large_files.yml: the model zoo's published LUNA16 weights, which fit network_def
+ZOO_WEIGHTS_URL = (
+    "https://developer.download.nvidia.com/assets/Clara/monai/tutorials/model_zoo/model_lung_nodule_ct_detection.pt"
+)
 IMAGE_PATTERNS = ("*.nii.gz", "*.nii", "*.mhd", "*.mha")  # NIfTI, and MetaImage (the LUNA16 download), read by ITK
 LUNA16_CANDIDATES_PER_SCAN = 100  # LUNA16's evaluation keeps the 100 best candidates of each scan
 
@@ -161,7 +164,10 @@ def load_network(model_path: str, network_def: torch.nn.Module, device: torch.de
     """
     path = os.path.abspath(str(model_path))
     if not os.path.isfile(path):
-        raise UserError(f"model file {path} does not exist: train a model first, or set model_path")
+        raise UserError(
+            f"model file {path} does not exist: train a model first, set model_path, or download the zoo's LUNA16 "
+            f"weights that large_files.yml lists ({ZOO_WEIGHTS_URL})"
+        )
     try:
         if path.endswith(".ts"):
             return torch.jit.load(path, map_location=device)
