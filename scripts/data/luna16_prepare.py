@@ -36,7 +36,6 @@ import dataclasses
 import glob
 import hashlib
 import logging
-import math
 import multiprocessing
 import os
 import re
@@ -57,6 +56,7 @@ from scripts.data.metaimage import (
     is_oblique,
     read_metaimage_header,
 )
+from scripts.data.selection import SELECTION_FRACTION, selection_count
 from scripts.errors import UserError
 from scripts.json_io import write_atomically, write_json
 from tqdm import tqdm
@@ -81,7 +81,6 @@ POLICIES = ("skip", "strict")
 NUM_SUBSETS = 10
 IN_PLANE_MM = (0.3, 1.5)
 SLICE_MM = (0.3, 6.0)
-SELECTION_FRACTION = 0.05
 MANIFEST_NAME = "luna16_manifest.json"
 FOLD_NAME = "dataset_fold{}.json"
 HU_RANGE = (-32768, 32767)
@@ -414,7 +413,7 @@ def fold_datalists(
     for k in subsets:
         others = [*subsets[subsets.index(k) + 1 :], *subsets[: subsets.index(k)]]
         pool = [s for j in others for s in by_subset[j]]
-        wanted = max(1, math.ceil(selection_fraction * len(pool))) if len(pool) > 1 else 0
+        wanted = selection_count(len(pool), selection_fraction)
         ranked = [sorted(by_subset[j], key=lambda s: _rank(k, s.uid)) for j in others]
         chosen: set[str] = set()
         for depth in range(max((len(r) for r in ranked), default=0)):

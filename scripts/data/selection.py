@@ -18,7 +18,9 @@ from scripts.data.datalist import load_datalist
 from scripts.data.screening import screen_datalists
 from scripts.errors import UserError
 
-__all__ = ["NoSelectionImages", "selection_count", "training_datalists"]
+__all__ = ["SELECTION_FRACTION", "NoSelectionImages", "selection_count", "training_datalists"]
+
+SELECTION_FRACTION = 0.05  # the zoo's: it trains on the first 95% of training and selects on the rest
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +31,8 @@ class NoSelectionImages(UserError):
 
 def selection_count(num_training: int, fraction: float) -> int:
     """How many of ``num_training`` images the zoo's rule keeps for selection: those past the first
-    ``int((1 - fraction) * num_training)``, and at least one (none taken from a single image)."""
+    ``int((1 - fraction) * num_training)`` (``fraction`` of them rounded up), and at least one (none taken from a
+    single image). ``prepare_luna16`` sizes its folds' selection lists by it too."""
     if not 0.0 < fraction < 1.0:
         raise UserError(f"selection_fraction must be in (0, 1), got {fraction}")
     if num_training < 2:
@@ -38,7 +41,11 @@ def selection_count(num_training: int, fraction: float) -> int:
 
 
 def training_datalists(
-    policy: str, data_list_file_path: str, dataset_dir: str, selection_fraction: float = 0.05, **screening: Any
+    policy: str,
+    data_list_file_path: str,
+    dataset_dir: str,
+    selection_fraction: float = SELECTION_FRACTION,
+    **screening: Any,
 ) -> dict[str, list[dict]]:
     """
     ``{"training": [...], "selection": [...]}`` for training, screened by the ``data_check`` policy (see
