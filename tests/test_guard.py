@@ -16,7 +16,6 @@ from ignite.engine import Events
 from monai.data import Dataset, MetaTensor
 from monai.data.utils import no_collation
 from scripts.data.quarantine import Quarantine, QuarantineSampler
-from scripts.guard import lr_policy
 from scripts.guard.lr_search import SearchResult, Trial
 from scripts.guard.stability_guard import GuardStopped
 
@@ -324,15 +323,14 @@ def test_the_lr_check_judges_the_peak_where_the_warm_up_leads(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("peak_loss, restarts", [(1.9, False), (math.nan, True)])
-def test_the_lr_check_overrules_the_recipe_only_when_its_peak_fails(tmp_path, monkeypatch, caplog, peak_loss, restarts):
+def test_the_lr_check_overrules_the_recipe_only_when_its_peak_fails(tmp_path, caplog, peak_loss, restarts):
     # the check's trials (stubbed): the recipe's peak 90% behind a smaller LR is kept (from a trained state a smaller
     # LR wins short trials by that much without learning better); a peak that fails its trial is overruled
     def trials(run_trial, start, *args, **kwargs):
         peak = Trial(start, peak_loss, math.isnan(peak_loss))
         return SearchResult((peak, Trial(start * 10**-0.5, 1.0, False)), start * 10**-0.5)
 
-    monkeypatch.setattr(lr_policy, "search_lr", trials)
-    trainer, guard = make_trainer(tmp_path, epochs=3)
+    trainer, guard = make_trainer(tmp_path, epochs=3, guard_kwargs={"search": trials})
     with caplog.at_level(logging.WARNING, logger="scripts.guard"):
         trainer.run()
     kept = [r.getMessage() for r in caplog.records if "is kept (it trains: it did not fail)" in r.getMessage()]
@@ -357,7 +355,7 @@ def test_a_backed_off_lr_grows_back_and_stays_below_what_failed(tmp_path):
     assert guard.counters["rollbacks"] == 0  # growing needs no rollback
 
 
-def test_a_growth_step_that_learns_worse_is_not_taken_and_not_tried_again(tmp_path, monkeypatch):
+def test_a_growth_step_that_learns_worse_is_not_taken_and_not_tried_again(tmp_path):
     # the growth trials run, and the step up is judged worse (stubbed: 30% behind, outside the margin but not a
     # clear loss): the run goes on from where it was, bitwise, at the reduced LR, and that level becomes the ceiling,
     # so no growth is tried again
@@ -368,8 +366,8 @@ def test_a_growth_step_that_learns_worse_is_not_taken_and_not_tried_again(tmp_pa
         ran = (runner(start), runner(start * step))  # the trials train from the origin: the state moves
         return SearchResult((dataclasses.replace(ran[0], loss=1.0), dataclasses.replace(ran[1], loss=1.3)), start)
 
-    monkeypatch.setattr(lr_policy, "search_lr", trials)
-    trainer, guard = make_trainer(tmp_path, epochs=8, guard_kwargs={"growth_interval": 8, "snapshot_every": 4})
+    guard_kwargs = {"growth_interval": 8, "snapshot_every": 4, "search": trials}
+    trainer, guard = make_trainer(tmp_path, epochs=8, guard_kwargs=guard_kwargs)
     guard.lr.back_off(0.01)
     after_growth = {}
 
@@ -416,7 +414,7 @@ def test_a_collapsed_score_gap_is_a_stall_that_the_search_examines(tmp_path):
     assert guard.status == "completed" and finite_weights(trainer.network)
 
 
-def test_a_stall_that_a_smaller_lr_cures_rolls_back_to_the_last_snapshot(tmp_path, monkeypatch):
+def test_a_stall_that_a_smaller_lr_cures_rolls_back_to_the_last_snapshot(tmp_path):
     # the same faked collapse; the stall's search (stubbed) finds a smaller LR better: the run goes back to the
     # snapshot the search started from, bitwise, at that LR, and its collapsed windows are forgotten
     origins = []
@@ -426,8 +424,7 @@ def test_a_stall_that_a_smaller_lr_cures_rolls_back_to_the_last_snapshot(tmp_pat
         smaller = Trial(start * 10**-0.5, 0.5, False)
         return SearchResult((Trial(start, 1.0, False), smaller), start if len(origins) == 1 else smaller.lr)
 
-    monkeypatch.setattr(lr_policy, "search_lr", trials)
-    guard_kwargs = {"snapshot_every": 2, "stall_windows": 2, "output_transform": collapse_after(12)}
+    guard_kwargs = {"snapshot_every": 2, "stall_windows": 2, "output_transform": collapse_after(12), "search": trials}
     trainer, guard = make_trainer(tmp_path, epochs=8, guard_kwargs=guard_kwargs)
     restored = {}
 

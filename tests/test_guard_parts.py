@@ -33,7 +33,7 @@ def train_steps(network, optimizer, scheduler, n: int) -> None:
         scheduler.step()
 
 
-def test_snapshot_restores_everything_exactly_and_measures_the_update_ratio():
+def test_snapshot_restores_everything_exactly_and_measures_the_drift():
     network, optimizer, scheduler = trained_pair()
     train_steps(network, optimizer, scheduler, 2)
     snapshot = Snapshot(network, optimizer, lr_scheduler=scheduler)
@@ -42,11 +42,13 @@ def test_snapshot_restores_everything_exactly_and_measures_the_update_ratio():
     saved_momentum = [optimizer.state[p]["momentum_buffer"].clone() for p in network.parameters()]
     train_steps(network, optimizer, scheduler, 3)
     moved = Snapshot(network, optimizer).network_state()
-    ratio = snapshot.update_ratio(moved, steps=3)
+    drift = snapshot.drift(moved, steps=3)
     names = [n for n, _ in network.named_parameters()]
-    expected = torch.nn.utils.get_total_norm([moved[n] - saved[n] for n in names])
-    expected = float(expected / torch.nn.utils.get_total_norm([saved[n] for n in names])) / 3
-    assert ratio == pytest.approx(expected, rel=1e-6) and ratio > 0
+    norm = torch.nn.utils.get_total_norm([saved[n] for n in names])
+    expected = float(torch.nn.utils.get_total_norm([moved[n] - saved[n] for n in names]) / norm) / 3
+    assert drift.update_ratio == pytest.approx(expected, rel=1e-6) and drift.update_ratio > 0
+    growth = (float(torch.nn.utils.get_total_norm([moved[n] for n in names])) / float(norm) - 1) / 3
+    assert drift.norm_growth == pytest.approx(growth, rel=1e-4) and drift.norm_growth != 0
     snapshot.restore()
     assert all(torch.equal(v, saved[k]) for k, v in network.state_dict().items())  # BatchNorm buffers included
     assert all(

@@ -30,7 +30,8 @@ class GuardEvent:
     Attributes:
         iteration, epoch: when it happened.
         kind: ``input``, ``logits``, ``loss``, ``grad`` (a refused step), ``weights`` (non-finite weights),
-            ``update`` (the weights moved too far per step), ``stall`` (the detector stopped learning).
+            ``update`` (the weights moved too far per step), ``norm_growth`` (their norm grew too fast per step, SGD),
+            ``stall`` (the detector stopped learning).
         action: what the guard did (``step skipped``, ``rolled back``, ...).
         what: the finding in words (``non-finite grad``, ``update ratio 0.047``, ...).
         loss, loss_cls, loss_reg, grad_norm: of the iteration.
@@ -38,6 +39,7 @@ class GuardEvent:
         files: the image files held responsible (merged over the DDP ranks): those with non-finite voxels for an
             ``input`` event, the batch's for the other refused steps, none for an applied step.
         update_ratio: the update ratio, for ``update`` events.
+        norm_growth: the weights' norm growth per step, for ``norm_growth`` events.
         positive_score: the learning signal of the iteration.
     """
 
@@ -53,6 +55,7 @@ class GuardEvent:
     lr: float = math.nan
     files: tuple[str, ...] = field(default_factory=tuple)
     update_ratio: float | None = None
+    norm_growth: float | None = None
     positive_score: float = math.nan
     time: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
 

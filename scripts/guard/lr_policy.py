@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,13 +51,14 @@ class LRPolicy:
     Chooses the run's LR by paired trials from a known state, on the last applied batches.
 
     - `after_fault`: after a rollback, LRs from the one that failed downwards; the largest whose trial loss is within
-      ``search_margin`` of the best wins, unless the best beats it in a longer trial of both (``confirm_factor``
+      ``search_margin`` of the best wins, unless the best beats it in a longer trial of both (``search_confirm``
       times ``search_iters`` steps, judged by their last ``search_iters``): the run restarts at that LR for good.
       A fault that does not reproduce keeps the LR (a transient), unless it comes back at that LR, when the next
       search starts one step lower. When every LR fails, the LR is backed off.
     - `check`: once, when the schedule has reached its peak (the end of the warm-up, at least ``search_iters`` steps
       in), the peak LR against smaller ones from the state the warm-up led to; when the peak fails its trial (a
-      refused step, a non-finite loss, or weights moving more than ``max_update_ratio`` per step) the run restarts
+      refused step, a non-finite loss, weights moving more than ``max_update_ratio`` or their norm growing more than
+      ``max_norm_growth`` per step) the run restarts
       from its first state at the search's choice. A warm-up is part of the recipe: the peak is judged where the run
       meets it, and a recipe whose peak trains is not overruled by a trial loss.
     - `on_stall`: the current LR against smaller ones from the last good state when the detector stopped learning.
@@ -73,7 +75,9 @@ class LRPolicy:
         lr_backoff: the LR factor when a search cannot tell.
         growth_interval: healthy iterations after an LR change before a reduced LR is tried one step higher.
         max_update_ratio: a trial whose weights move more than this per step fails (0: no limit).
-        confirm_factor: steps of the longer trials that settle an after-fault search, in ``search_iters`` (0: none).
+        search_confirm: steps of the longer trials that settle an after-fault search, in ``search_iters`` (0: none).
+        max_norm_growth: a trial whose weights' norm grows more than this per step fails (0: no limit).
+        search: the search over candidate LRs (`search_lr`'s signature; a test passes a scripted one).
     """
 
     def __init__(
@@ -85,10 +89,13 @@ class LRPolicy:
         lr_backoff: float = 0.1,
         growth_interval: int = 200,
         max_update_ratio: float = 0.0,
-        confirm_factor: int = 3,
+        search_confirm: int = 3,
+        max_norm_growth: float = 0.0,
+        search: Callable[..., SearchResult] = search_lr,
     ) -> None:
         self.lr, self.enabled = lr, enabled
-        self.confirm_factor = confirm_factor
+        self.search_confirm, self.search = search_confirm, search
+        self.max_norm_growth = max_norm_growth
         self.search_iters, self.search_margin, self.lr_backoff = search_iters, search_margin, lr_backoff
         self.growth_interval, self.max_update_ratio = growth_interval, max_update_ratio
         self.batches: deque[Any] = deque(maxlen=search_iters)  # the last batches whose step was applied
@@ -193,12 +200,13 @@ class LRPolicy:
         if not (self.enabled and self.batches):
             return None
         step_fn = lambda batch: engine.train_step(batch, fire_events=False)  # noqa: E731
-        runner = TrialRunner(step_fn, origin, self.batches, self.search_iters, self.max_update_ratio)
+        limits = {"max_update_ratio": self.max_update_ratio, "max_norm_growth": self.max_norm_growth}
+        runner = TrialRunner(step_fn, origin, self.batches, self.search_iters, **limits)
         limit = start * 1e-5 if limit is None else limit
-        result = search_lr(runner, start, step, limit, max_trials, patience, self.search_margin)
-        if settle and self.confirm_factor > 0 and result.changed:  # a transient keeps its LR: nothing to settle
-            iterations = self.confirm_factor * self.search_iters
-            longer = TrialRunner(step_fn, origin, self.batches, iterations, self.max_update_ratio, self.search_iters)
+        result = self.search(runner, start, step, limit, max_trials, patience, self.search_margin)
+        if settle and self.search_confirm > 0 and result.changed:  # a transient keeps its LR: nothing to settle
+            iterations = self.search_confirm * self.search_iters
+            longer = TrialRunner(step_fn, origin, self.batches, iterations, tail=self.search_iters, **limits)
             result = confirm(longer, result)
         runner.finish()
         if result.lr is not None and result.lost_at is not None:  # lost from a good state: never grow back to it

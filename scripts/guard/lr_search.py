@@ -164,7 +164,8 @@ class TrialRunner:
     (cycled), with the trainer's own step.
 
     A trial fails when a step is refused (an fp16 overflow, the GradScaler's business, excepted), its loss is not
-    finite, or the weights moved more than ``max_update_ratio`` of their norm per step (the guard's own limit).
+    finite, the weights moved more than ``max_update_ratio`` of their norm per step, or their norm grew more than
+    ``max_norm_growth`` per step (the guard's own limits).
 
     Args:
         step: one training step on a loader batch, returning its `StepReport` (``fire_events=False``).
@@ -172,6 +173,7 @@ class TrialRunner:
         batches: the loader batches to train on (the same for every trial).
         iterations: steps per trial.
         max_update_ratio: the update ratio per step above which a trial fails (0: no limit).
+        max_norm_growth: the norm growth per step above which a trial fails (0: no limit).
         tail: judge a trial by the mean loss of its last ``tail`` steps (``None``: of every step after the first).
     """
 
@@ -183,6 +185,7 @@ class TrialRunner:
         iterations: int,
         max_update_ratio: float = 0.0,
         tail: int | None = None,
+        max_norm_growth: float = 0.0,
     ) -> None:
         self.step = step
         self.tail = tail
@@ -190,6 +193,7 @@ class TrialRunner:
         self.batches = list(batches)
         self.iterations = iterations
         self.max_update_ratio = max_update_ratio
+        self.max_norm_growth = max_norm_growth
         self.rng = random_state()
 
     def __call__(self, lr: float) -> Trial:
@@ -205,9 +209,10 @@ class TrialRunner:
             if (report.event is not None and not report.amp_overflow) or not math.isfinite(report.loss):
                 return Trial(lr, math.nan, True)
             losses.append(report.loss)
-        if self.max_update_ratio:
-            ratio = self.origin.update_ratio(self.origin.network_state(), self.iterations)
-            if ratio > self.max_update_ratio:
+        if self.max_update_ratio or self.max_norm_growth:
+            drift = self.origin.drift(self.origin.network_state(), self.iterations)
+            too_far = self.max_update_ratio and drift.update_ratio > self.max_update_ratio
+            if too_far or (self.max_norm_growth and drift.norm_growth > self.max_norm_growth):
                 return Trial(lr, math.nan, True)
         loss = mean_after_first(losses) if self.tail is None else math.fsum(losses[-self.tail :]) / self.tail
         return Trial(lr, loss, False)

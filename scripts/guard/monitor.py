@@ -25,7 +25,16 @@ __all__ = ["TrainingMonitor"]
 logger = logging.getLogger(__name__)
 
 REPORT_VALUES = ("loss", "loss_cls", "loss_reg", "grad_norm", "weight_norm", "lr", "amp_scale", "positive_score")
-GUARD_VALUES = ("events", "skipped_steps", "rollbacks", "amp_overflows", "lr_scale", "update_ratio", "score_gap_level")
+GUARD_VALUES = (
+    "events",
+    "skipped_steps",
+    "rollbacks",
+    "amp_overflows",
+    "lr_scale",
+    "update_ratio",
+    "norm_growth",
+    "score_gap_level",
+)
 COLUMNS = ("iteration", "epoch", *REPORT_VALUES, "score_gap", "event", *GUARD_VALUES)
 
 

@@ -8,11 +8,12 @@ needs an exact in-memory copy of everything a step changes, hence this small cla
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["Snapshot", "copy_state", "weights_finite"]
+__all__ = ["Drift", "Snapshot", "copy_state", "weights_finite"]
 
 
 def copy_state(obj: Any, device: str | torch.device | None = None) -> Any:
@@ -33,6 +34,20 @@ def weights_finite(network: torch.nn.Module) -> bool:
     """Whether every floating-point parameter and buffer of ``network`` is finite (one host sync)."""
     tensors = [t for t in (*network.parameters(), *network.buffers()) if t.is_floating_point()]
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+@dataclass(frozen=True)
+class Drift:
+    """
+    How far the weights went from a snapshot, per step since it was taken.
+
+    Attributes:
+        update_ratio: ``||w - w_snapshot|| / ||w_snapshot||`` per step.
+        norm_growth: ``(||w|| / ||w_snapshot|| - 1)`` per step: how fast the weights' norm inflates.
+    """
+
+    update_ratio: float
+    norm_growth: float
 
 
 class Snapshot:
@@ -99,12 +114,16 @@ class Snapshot:
             raise RuntimeError("no snapshot has been taken")
         return copy_state(self.state, "cpu")
 
-    def update_ratio(self, network_state: dict[str, torch.Tensor], steps: int) -> float:
-        """``||w - w_snapshot|| / ||w_snapshot||`` over the trained parameters, per step since it was taken."""
+    def drift(self, network_state: dict[str, torch.Tensor], steps: int) -> Drift:
+        """The update ratio and norm growth of ``network_state`` against the snapshot's trained parameters."""
         if self.state is None:
             raise RuntimeError("no snapshot has been taken")
         old = self.state["network"]
         names = [n for n, p in self.network.named_parameters() if p.requires_grad]
         moved = torch.nn.utils.get_total_norm([network_state[n].float() - old[n].float() for n in names])
-        norm = torch.nn.utils.get_total_norm([old[n].float() for n in names])
-        return float(moved / norm.clamp_min(1e-12)) / max(steps, 1)  # a host read once a window, after the step's
+        norm = torch.nn.utils.get_total_norm([old[n].float() for n in names]).clamp_min(1e-12)
+        now = torch.nn.utils.get_total_norm([network_state[n].float() for n in names])
+        # one host read once a window, after the step's; the norm ratio in float64, its change being ~1e-4
+        ratio, norm_ratio = torch.stack([(moved / norm).double(), now.double() / norm.double()]).tolist()
+        steps = max(steps, 1)
+        return Drift(update_ratio=ratio / steps, norm_growth=(norm_ratio - 1) / steps)

@@ -26,6 +26,7 @@ from scripts.guard.learning_signal import LearningSignal
 from scripts.guard.log import GuardEvent, GuardLog
 from scripts.guard.lr_control import LRControl
 from scripts.guard.lr_policy import LRDecision, LRPolicy
+from scripts.guard.lr_search import SearchResult, search_lr
 from scripts.guard.snapshot import Snapshot, weights_finite
 from scripts.guard.verdict import Verdict, best_validation, judge_learning
 from scripts.guard.window import StepWindow
@@ -81,6 +82,10 @@ class StabilityGuard:
         max_loss_growth: the loss-spike factor, for single steps and for window means.
         max_update_ratio: the update ratio per step above which the run rolls back (0: no check); the default is ten
             times the 1e-3 per step of a healthy SGD run (the usual rule of thumb, and what the recipe shows).
+        max_norm_growth: for SGD only, the growth per step of the weights' norm above which the run rolls back (0: no
+            check): an SGD LR a few times too high inflates the norm of weights that feed a normalisation, which
+            shrinks their steps and stalls learning under every other limit. Adam's steps do not shrink so, and AdamW
+            grows the norm at healthy LRs: for other optimisers it is not checked.
         amp_overflow_patience: consecutive fp16 overflows the GradScaler absorbs before they count as an event.
         lr_search: search the LR after rollbacks, at the end of the warm-up, on stalls and for growth (``False``:
             back off by ``lr_backoff`` and never grow).
@@ -100,6 +105,7 @@ class StabilityGuard:
         report_path: JSON report (``None``: none).
         ckpt_path: where the last good state is saved when the run stops (``None``: nowhere).
         output_transform: maps ``engine.state.output`` to the trainer's `StepReport`.
+        search: the LR search the policy runs (`scripts.guard.lr_search.search_lr`; a test passes a scripted one).
     """
 
     def __init__(
@@ -132,11 +138,14 @@ class StabilityGuard:
         report_path: str | None = None,
         ckpt_path: str | None = None,
         output_transform: Callable[[Any], StepReport] = lambda x: x,
+        max_norm_growth: float = 2e-4,
+        search: Callable[..., SearchResult] = search_lr,
     ) -> None:
         self.network, self.optimizer, self.enabled = network, optimizer, enabled
         self.patience, self.max_rollbacks = patience, max_rollbacks
         self.max_refused_in_a_row = max_refused_in_a_row
         self.max_loss_growth, self.max_update_ratio = max_loss_growth, max_update_ratio
+        self.max_norm_growth = max_norm_growth if isinstance(optimizer, torch.optim.SGD) else 0.0
         self.amp_overflow_patience = amp_overflow_patience
         self.min_val_metric, self.judge_after_epochs = min_val_metric, judge_after_epochs
         self.validator, self.output_transform = validator, output_transform
@@ -150,7 +159,9 @@ class StabilityGuard:
             lr_backoff=lr_backoff,
             growth_interval=growth_interval,
             max_update_ratio=max_update_ratio,
-            confirm_factor=search_confirm,
+            search_confirm=search_confirm,
+            max_norm_growth=self.max_norm_growth,
+            search=search,
         )
         self.blame = FileBlame(quarantine_after)
         self.learning = LearningSignal(patience=stall_windows)
@@ -161,7 +172,7 @@ class StabilityGuard:
         self.consecutive = self.consecutive_amp = self.steps_since_restore = self.steps_since_snapshot = 0
         self.window = StepWindow(snapshot_every, max_loss_growth)
         self.snapshot_loss: float | None = None
-        self.update_ratio = math.nan
+        self.update_ratio = self.norm_growth = math.nan
         self.anchor: Snapshot | None = None  # the run's first state, until a window after the LR check is kept
         self.lr_checked = False
         self.verdict = Verdict(best=None, learned=None)  # did the detector learn: judged when the run completes
@@ -235,11 +246,17 @@ class StabilityGuard:
         """Update ratio, learning signal and snapshot refresh; ``False`` when the window ended in a rollback."""
         window = self.window.close()
         network_state = self.snapshot.network_state()
-        self.update_ratio = self.snapshot.update_ratio(network_state, self.steps_since_snapshot)
+        drift = self.snapshot.drift(network_state, self.steps_since_snapshot)
+        self.update_ratio, self.norm_growth = drift.update_ratio, drift.norm_growth
         if self.max_update_ratio and self.update_ratio > self.max_update_ratio:
             what = f"update ratio {self.update_ratio:.2g}"
             self._record(engine, "update", report, "rolling back", what)
             self._recover(engine, f"the weights moved {what} of their norm per step (max {self.max_update_ratio:.2g})")
+            return False
+        if self.max_norm_growth and self.norm_growth > self.max_norm_growth:
+            what = f"the weights' norm grew {self.norm_growth:.2g} per step (max {self.max_norm_growth:.2g}, SGD)"
+            self._record(engine, "norm_growth", report, "rolling back", what)
+            self._recover(engine, what)
             return False
         self.learning.add(window.score_gap)
         mean_loss = window.mean_loss
@@ -370,6 +387,7 @@ class StabilityGuard:
                 lr=self.lr.current_lr(),
                 files=verdict.files,
                 update_ratio=self.update_ratio if kind == "update" else None,
+                norm_growth=self.norm_growth if kind == "norm_growth" else None,
                 positive_score=report.positive_score,
             )
         )
@@ -463,11 +481,13 @@ class StabilityGuard:
         )
 
     def telemetry(self) -> dict[str, int | float]:
-        """The guard's numbers for the monitor: counters, LR scale, last update ratio, smoothed score gap."""
+        """The guard's numbers for the monitor: counters, LR scale, last update ratio and norm growth, smoothed score
+        gap."""
         return {
             **{k: self.counters[k] for k in ("events", "skipped_steps", "rollbacks", "amp_overflows")},
             "lr_scale": self.lr.scale,
             "update_ratio": self.update_ratio,
+            "norm_growth": self.norm_growth,
             "score_gap_level": self.learning.level,
         }
 

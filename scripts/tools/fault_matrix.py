@@ -105,9 +105,16 @@ def _faults(sgd_lr: float, adamw_lr: float, iterations: int) -> list[Fault]:
                     {**opt, **no_warmup, "learning_rate": lr * factor},
                 )
             )
+    for factor in (2, 5, 10):  # the gray zone: SGD a few times too fast, under the update-ratio limit
+        faults.append(Fault(f"sgd lr x{factor}", "healthy sgd", {**sgd, "learning_rate": sgd_lr * factor}))
+        faults.append(
+            Fault(
+                f"sgd lr x{factor}, no warm-up",
+                "healthy sgd, no warm-up",
+                {**sgd, **no_warmup, "learning_rate": sgd_lr * factor},
+            )
+        )
     faults += [
-        Fault("sgd lr x5", "healthy sgd", {**sgd, "learning_rate": sgd_lr * 5}),
-        Fault("sgd lr x10", "healthy sgd", {**sgd, "learning_rate": sgd_lr * 10}),
         Fault("sgd lr x10, unguarded", "healthy sgd", {**sgd, **unguarded, "learning_rate": sgd_lr * 10}),
         Fault("adamw lr x10", "healthy adamw", {**adamw, "learning_rate": adamw_lr * 10}),
         # AdamW's first steps move every weight by about the LR: at twice the recipe's, past the update-ratio limit
