@@ -16,13 +16,13 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from conftest import tiny_detector, tiny_loader  # noqa: E402
 from ignite.engine import Events  # noqa: E402
 from monai.engines.utils import IterationEvents  # noqa: E402
 from scripts.data.quarantine import Quarantine  # noqa: E402
 from scripts.detection.schedule import WarmupDecayLR  # noqa: E402
 from scripts.detection.trainer import StabilisedDetectionTrainer  # noqa: E402
 from scripts.guard.stability_guard import StabilityGuard  # noqa: E402
+from training_helpers import tiny_detector, tiny_loader  # noqa: E402
 
 
 def main() -> None:

@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 from bundle_helpers import TINY, parse
-from conftest import make_trainer, tiny_detector, tiny_sample
 from monai.data.box_utils import box_iou
 from scripts.detection import precision
 from scripts.evaluation import evaluator
 from scripts.tools import fault_matrix
+from training_helpers import make_trainer, tiny_detector, tiny_sample
 
 
 def test_bf16_on_cuda_needs_no_grad_scaler():
@@ -24,6 +24,7 @@ def test_bf16_on_cuda_needs_no_grad_scaler():
     assert parse("train.json", **{**cuda, "amp": False}).get_parsed_content("scaler") is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bf16_cpu", [True, False])
 def test_the_cpu_step_runs_in_bf16_only_where_the_cpu_has_it(tmp_path, monkeypatch, caplog, bf16_cpu):
     # emulated bf16 made a ResNet50 step 40x slower than fp32 (oneDNN held to AVX2): amp falls back to fp32 there

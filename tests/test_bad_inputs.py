@@ -26,6 +26,8 @@ from scripts.data.phantoms import ensure_dataset, generate_dataset
 from scripts.errors import UserError
 from test_data_check import BAD_INPUTS, item, write_volume
 
+pytestmark = pytest.mark.slow  # trains a real network or runs a bundle workflow
+
 TINY_CONFIG = os.path.join(REPO, "tests", "data", "tiny.json")
 # problems of the datalist entry, not of the image: inference, which reads no boxes, runs these images
 ENTRY_PROBLEMS = {

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
 from bundle_helpers import REPO, config
 from scripts.tools import benchmark_gpu
+
+pytestmark = pytest.mark.slow  # trains a real network or runs a bundle workflow
 
 
 def table_rows(out: str) -> dict[str, list[str]]:

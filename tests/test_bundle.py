@@ -103,6 +103,7 @@ def test_transform_chain_maps_datalist_boxes_onto_the_phantom_voxels(tmp_path):
         assert float(out["image"].min()) >= 0.0 and float(out["image"].max()) <= 1.0
 
 
+@pytest.mark.slow
 def test_training_run_writes_checkpoints_and_reports(tmp_path):
     bundle("run", tmp_path, TINY_CONFIG)
     models, evals = tmp_path / "models", tmp_path / "eval"
@@ -118,11 +119,13 @@ def test_training_run_writes_checkpoints_and_reports(tmp_path):
     assert json.load(open(evals / "data_check.json"))["errors"] == 0
 
 
+@pytest.mark.slow
 def test_volumes_smaller_than_the_patch_are_padded(tmp_path):
     bundle("training", tmp_path, TINY_CONFIG, patch_size=[96, 96, 48])
     assert (tmp_path / "models" / "checkpoint_final.pt").exists()
 
 
+@pytest.mark.slow
 def test_stress_reproduces_the_crash_without_the_guard_and_recovers_with_it(tmp_path):
     data = tmp_path / "data"
     generate_dataset(str(data), num_train=12, num_val=2, shape=(64, 64, 32), progress=False)
@@ -150,6 +153,7 @@ def test_stress_reproduces_the_crash_without_the_guard_and_recovers_with_it(tmp_
     assert after["events"][: len(report["events"])] == report["events"]
 
 
+@pytest.mark.slow
 def test_poisoned_data_is_named_by_check_data_and_excluded_from_training(tmp_path):
     import nibabel as nib
 
@@ -176,6 +180,7 @@ def test_poisoned_data_is_named_by_check_data_and_excluded_from_training(tmp_pat
     assert strict.returncode != 0 and not (tmp_path / "strict" / "models").exists()
 
 
+@pytest.mark.slow
 def test_a_crash_leaves_the_final_checkpoint_and_the_guard_report(tmp_path):
     crash = {"_target_": "scripts.tools.faults.Crash", "iteration": 3, "message": "injected crash for the test"}
     result = bundle("training", tmp_path, TINY_CONFIG, check=False, epochs=2, train__extra_handlers__fault=crash)

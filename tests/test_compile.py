@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_same_state, make_trainer, state_of, tiny_detector, tiny_loader
+from training_helpers import assert_same_state, make_trainer, state_of, tiny_detector, tiny_loader
+
+pytestmark = pytest.mark.slow  # trains a real network or runs a bundle workflow
 
 
 def update(trainer, start: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -9,6 +9,8 @@ import pytest
 from bundle_helpers import TINY, bundle_paths, config, make_phantoms
 from monai.bundle import ConfigWorkflow
 
+pytestmark = pytest.mark.slow  # trains a real network or runs a bundle workflow
+
 
 def run_workflow(workflow_type: str, config_files: list[str], **overrides) -> ConfigWorkflow:
     """Initialise, check MONAI's properties of ``workflow_type`` (none may be missing), run and finalise."""

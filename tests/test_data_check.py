@@ -591,6 +591,7 @@ print(json.dumps({{"peak_kib": peak, "problems": [f.problem for f in report.find
 """
 
 
+@pytest.mark.slow
 def test_the_check_holds_no_volume_whole(tmp_path: Path) -> None:
     """
     A true 1024 x 1024 x 256 int16 volume in LPS order (512 MiB on disk, 1 GiB as the float32 that training loads;

@@ -7,8 +7,9 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
-from conftest import REPO
+from bundle_helpers import REPO
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -31,6 +32,7 @@ def assert_identical(a: dict, b: dict) -> None:
     assert all(torch.isfinite(x).all() for x in a["params"])
 
 
+@pytest.mark.slow
 def test_normal_run_keeps_ranks_identical(tmp_path):
     a, b = run_worker(tmp_path, "--epochs", "2")
     assert a["events"] == b["events"] == [None] * 8  # 8 images, 4 per rank, 2 epochs
@@ -40,6 +42,7 @@ def test_normal_run_keeps_ranks_identical(tmp_path):
     assert len(a["searches"]) == 1 and a["searches"] == b["searches"]
 
 
+@pytest.mark.slow
 def test_inf_on_one_rank_skips_the_step_on_both(tmp_path):
     a, b = run_worker(tmp_path, "--epochs", "2", "--inf-rank", "1", "--inf-iterations", "3")
     assert a["events"][2] == b["events"][2] == "grad"
@@ -48,6 +51,7 @@ def test_inf_on_one_rank_skips_the_step_on_both(tmp_path):
     assert_identical(a, b)
 
 
+@pytest.mark.slow
 def test_rollback_on_one_rank_trigger_rolls_back_both(tmp_path):
     a, b = run_worker(tmp_path, "--epochs", "3", "--inf-rank", "0", "--inf-iterations", "6", "7", "8")
     assert a["counters"] == b["counters"] and a["counters"]["rollbacks"] >= 1
@@ -56,6 +60,7 @@ def test_rollback_on_one_rank_trigger_rolls_back_both(tmp_path):
     assert_identical(a, b)
 
 
+@pytest.mark.slow
 def test_bundle_multi_gpu_config_runs(tmp_path):
     configs = "['configs/train.json','tests/data/tiny.json','configs/multi_gpu_train.json']"
     torchrun(["-m", "monai.bundle", "run", "training", "--config_file", configs, "--bundle_root", str(tmp_path)])

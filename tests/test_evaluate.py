@@ -94,6 +94,7 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {"root": root, "datalist": datalist}
 
 
+@pytest.mark.slow
 def test_evaluate_writes_report(evaluated: dict[str, str]) -> None:
     out = os.path.join(evaluated["root"], "eval")
     for name in ("metrics.json", "metrics.csv", "froc.png"):
@@ -116,6 +117,7 @@ def test_evaluate_writes_report(evaluated: dict[str, str]) -> None:
     assert {"froc_cpm", "froc_sensitivity_fp_0.125", "AP_IoU_0.10_MaxDet_100"} <= set(rows)
 
 
+@pytest.mark.slow
 def test_inference_result_gives_the_same_figures(evaluated: dict[str, str]) -> None:
     """Metrics recomputed in world millimetres from inference's result.json agree with evaluate.json's."""
     with open(os.path.join(evaluated["root"], "infer", "result.json")) as f:

@@ -7,9 +7,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from monai.bundle import ConfigParser
 from tests.bundle_helpers import REPO, TINY, config, save_tiny_model
+
+pytestmark = pytest.mark.slow  # trains a real network or runs a bundle workflow
 
 
 def test_ckpt_export_matches_eager(tmp_path) -> None:

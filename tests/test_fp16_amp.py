@@ -16,8 +16,10 @@ import math
 
 import pytest
 import torch
-from conftest import assert_same_state, make_trainer, poison_gradients, state_of, tiny_loader
 from ignite.engine import Events
+from training_helpers import assert_same_state, make_trainer, poison_gradients, state_of, tiny_loader
+
+pytestmark = pytest.mark.slow  # trains a real network or runs a bundle workflow
 
 DEVICES = [
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
@@ -66,7 +68,7 @@ def test_fp16_overflow_is_absorbed_by_the_scaler(tmp_path, device):
     first = next(i for i, r in enumerate(records) if r["event"] is None)  # the first scale small enough
     assert records[first]["scale"] == 2.0 ** (28 - first)
     # counted, not escalated: no guard event, no rollback, no LR backoff, and training went on
-    assert guard.counters["events"] == 0 and guard.counters["rollbacks"] == 0 and guard.lr.scale == 1.0
+    assert guard.counters["events"] == 0 and guard.counters["rollbacks"] == 0 and guard.lr_control.scale == 1.0
     assert sum(r["event"] is None for r in records) >= len(records) // 4
     assert all(torch.isfinite(p).all() for p in trainer.network.parameters())
     assert not torch.equal(
@@ -108,7 +110,7 @@ def test_repeated_fp16_overflow_escalates(tmp_path, device):
         if r["rolled_back"]:
             in_a_row = 0
     # 2 events in a row roll back once; from the good state the trial steps do not overflow, so the LR is kept
-    assert guard.counters["events"] >= 2 and guard.counters["rollbacks"] == 1 and guard.lr.scale == 1.0
+    assert guard.counters["events"] >= 2 and guard.counters["rollbacks"] == 1 and guard.lr_control.scale == 1.0
     assert trainer.state.output.event is None and guard.status == "completed"
 
 
@@ -156,7 +158,7 @@ def test_an_fp16_overflow_burst_is_absorbed_without_touching_the_lr(tmp_path, de
     assert all(reports[i].event == "grad" and reports[i].amp_overflow for i in (5, 6, 7))
     assert reports[5].amp_scale == seen["scale"]  # the scale was put back before the scaler saw the overflow
     assert guard.counters["amp_overflows"] >= 3 and guard.counters["events"] == 0
-    assert guard.counters["rollbacks"] == 0 and guard.lr.scale == 1.0
+    assert guard.counters["rollbacks"] == 0 and guard.lr_control.scale == 1.0
 
 
 def weights_of(trainer, state: dict) -> dict:

@@ -12,12 +12,12 @@ import math
 import pytest
 import torch
 from bundle_helpers import TINY, make_phantoms, parse, save_tiny_model
-from conftest import finite_weights, make_trainer, tiny_sample
 from ignite.engine import Events
 from monai.data import DataLoader, Dataset, MetaTensor
 from monai.data.utils import no_collation
+from training_helpers import finite_weights, make_trainer, tiny_sample
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"), pytest.mark.slow]
 
 
 def cuda_trainer(tmp_path, epochs: int, guard_kwargs: dict | None = None, loader=None):

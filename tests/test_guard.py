@@ -11,13 +11,15 @@ import types
 
 import pytest
 import torch
-from conftest import assert_same_state, finite_weights, make_trainer, poison_gradients, state_of, tiny_sample
 from ignite.engine import Events
 from monai.data import Dataset, MetaTensor
 from monai.data.utils import no_collation
 from scripts.data.quarantine import Quarantine, QuarantineSampler
 from scripts.guard.lr_search import SearchResult, Trial
 from scripts.guard.stability_guard import GuardStopped
+from training_helpers import assert_same_state, finite_weights, make_trainer, poison_gradients, state_of, tiny_sample
+
+pytestmark = pytest.mark.slow  # trains a real network or runs a bundle workflow
 
 
 def test_clean_run_steps_and_reports(tmp_path):
@@ -96,7 +98,7 @@ def test_nan_weights_roll_back_exactly_and_keep_the_lr(tmp_path, bad_iteration, 
     trainer.run()
     assert seen.get("checked")
     assert guard.counters["rollbacks"] == 1 and guard.counters["weights_nonfinite"] == 1
-    assert guard.log.events[0]["kind"] == "weights" and guard.lr.scale == 1.0
+    assert guard.log.events[0]["kind"] == "weights" and guard.lr_control.scale == 1.0
     assert finite_weights(trainer.network) and trainer.state.epoch == 4
 
 
@@ -123,7 +125,7 @@ def test_without_search_a_rollback_backs_the_lr_off(tmp_path):
     lr = trainer.optimizer.param_groups[0]["lr"]
     poison_gradients(trainer, [3, 4])
     trainer.run()
-    assert guard.counters["rollbacks"] == 1 and guard.lr.scale == pytest.approx(guard.lr_policy.lr_backoff)
+    assert guard.counters["rollbacks"] == 1 and guard.lr_control.scale == pytest.approx(guard.lr_policy.lr_backoff)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr * guard.lr_policy.lr_backoff)
 
 
@@ -150,7 +152,7 @@ def test_nan_voxel_file_is_skipped_and_quarantined(tmp_path):
     assert all(e["kind"] == "input" and e["files"] == [bad_file] for e in report["events"])
     saved = json.loads((tmp_path / "quarantine.json").read_text())
     assert saved["quarantined"][0]["image"] == bad_file and saved["quarantined"][0]["source"] == "guard"
-    assert guard.counters["rollbacks"] == 0 and guard.lr.scale == 1.0  # bad data is not the LR's fault
+    assert guard.counters["rollbacks"] == 0 and guard.lr_control.scale == 1.0  # bad data is not the LR's fault
 
 
 def test_learning_rate_overload_is_searched_down(tmp_path):
@@ -161,18 +163,18 @@ def test_learning_rate_overload_is_searched_down(tmp_path):
     first = guard.log.searches[0]
     assert first["trials"][0] == {"lr": 10.0, "loss": first["trials"][0]["loss"], "failed": True}
     chosen = first["chosen_lr"]
-    assert chosen is not None and chosen <= 0.1 and guard.lr.scale < 0.01
+    assert chosen is not None and chosen <= 0.1 and guard.lr_control.scale < 0.01
     assert trainer.optimizer.param_groups[0]["lr"] <= chosen  # never back above what the search found
-    assert guard.lr.ceiling < 1  # the level that failed is out of reach for growth
+    assert guard.lr_control.ceiling < 1  # the level that failed is out of reach for growth
     # and so is every level the search saw lose from the good state: growth stays a step below the lowest
     failed_above = min(t["lr"] for t in first["trials"] if t["failed"] and t["lr"] > chosen)
     assert first["lost_at"] is not None and first["lost_at"] <= failed_above
-    assert guard.lr.ceiling * 10.0 <= first["lost_at"] * 10**-0.5 * (1 + 1e-6)
+    assert guard.lr_control.ceiling * 10.0 <= first["lost_at"] * 10**-0.5 * (1 + 1e-6)
     assert finite_weights(trainer.network)
     assert len(guard.quarantine) == 0  # a blow-up fails every file alike: nobody is blamed
     # the run says plainly that it trained at another LR than it was given, what and why
     report = json.loads((tmp_path / "guard_report.json").read_text())["learning_rate"]
-    assert report["asked"] == 10.0 and report["used"] == pytest.approx(10.0 * guard.lr.scale)
+    assert report["asked"] == 10.0 and report["used"] == pytest.approx(10.0 * guard.lr_control.scale)
     assert report["changes"][0]["from"] == 10.0 and report["changes"][0]["to"] == pytest.approx(chosen)
     assert report["changes"][0]["iteration"] == guard.log.searches[0]["iteration"]  # decided when it rolled back
     assert report["changes"][0]["why"].startswith("after 3 consecutive refused steps the run rolled back to iteration")
@@ -186,7 +188,8 @@ def test_a_fault_that_never_lets_a_step_through_stops_the_run(tmp_path):
     poison_gradients(trainer, range(3, 100), every_parameter=True)
     snapshot = {}
     trainer.add_event_handler(
-        Events.ITERATION_COMPLETED(once=4), lambda e: snapshot.update(copy.deepcopy(guard.snapshot.state["network"]))
+        Events.ITERATION_COMPLETED(once=4),
+        lambda e: snapshot.update(copy.deepcopy(guard.target.last_good.state["network"])),
     )
     trainer.run()
     # 3 and 4 refused -> one rollback (to the initial state: no window yet); from the good state nothing steps, so
@@ -232,7 +235,9 @@ def test_guard_state_survives_a_restart(tmp_path):
     resumed, resumed_guard = make_trainer(tmp_path / "resumed", epochs=2, guard_kwargs={"patience": 1})
     resumed_guard.load_state_dict(state)
     assert resumed_guard.counters == guard.counters and resumed_guard.log.events == guard.log.events
-    assert resumed_guard.lr.ceiling == guard.lr.ceiling and resumed_guard.blame.stats == guard.blame.stats
+    assert (
+        resumed_guard.lr_control.ceiling == guard.lr_control.ceiling and resumed_guard.blame.stats == guard.blame.stats
+    )
     assert resumed_guard.state_dict() == state
 
 
@@ -298,7 +303,7 @@ def test_healthy_run_is_untouched_by_the_lr_check(tmp_path):
     assert checked_guard.log.searches[0]["chosen_lr"] == 0.002
     assert all(v == 0 for k, v in checked_guard.counters.items() if k != "lr_searches")
     assert 0 < checked_guard.update_ratio < checked_guard.max_update_ratio
-    assert checked_guard.snapshot.iteration == 12  # refreshed at every window
+    assert checked_guard.target.last_good.iteration == 12  # refreshed at every window
     assert_same_state(state_of(checked), state_of(plain))
 
 
@@ -315,7 +320,7 @@ def test_the_lr_check_judges_the_peak_where_the_warm_up_leads(tmp_path, caplog):
     plain.run()
     assert [s["iteration"] for s in guard.log.searches] == [13]  # the first step after the warm-up's last
     assert guard.log.searches[0]["trials"][0]["lr"] == 0.002 and guard.log.searches[0]["chosen_lr"] == 0.002
-    assert guard.counters["rollbacks"] == 0 and guard.lr.scale == 1.0
+    assert guard.counters["rollbacks"] == 0 and guard.lr_control.scale == 1.0
     assert_same_state(state_of(checked), state_of(plain))
     report = json.loads((tmp_path / "a" / "guard_report.json").read_text())["learning_rate"]
     assert report == {"asked": 0.002, "used": 0.002, "summary": None, "changes": []}
@@ -337,7 +342,7 @@ def test_the_lr_check_overrules_the_recipe_only_when_its_peak_fails(tmp_path, ca
     assert len(kept) == int(not restarts)
     assert [s["iteration"] for s in guard.log.searches] == [8]
     assert guard.counters["rollbacks"] == int(restarts)
-    assert guard.lr.scale == pytest.approx(10**-0.5 if restarts else 1.0)
+    assert guard.lr_control.scale == pytest.approx(10**-0.5 if restarts else 1.0)
     assert len(guard.log.lr_changes) == int(restarts)
 
 
@@ -346,12 +351,12 @@ def test_a_backed_off_lr_grows_back_and_stays_below_what_failed(tmp_path):
     # one step up (x sqrt(10)) from a copy of the state, and takes it since it learns about as well
     guard_kwargs = {"growth_interval": 8, "snapshot_every": 4}
     trainer, guard = make_trainer(tmp_path, epochs=8, guard_kwargs=guard_kwargs)
-    guard.lr.failed_at(0.002 * 10**-0.5)  # the level that failed: growth stops below it
-    guard.lr.back_off(0.01)
+    guard.lr_control.failed_at(0.002 * 10**-0.5)  # the level that failed: growth stops below it
+    guard.lr_control.back_off(0.01)
     trainer.run()
     scales = [s["chosen_lr"] / 0.002 for s in guard.log.searches if s["iteration"] > 8]
-    assert guard.lr.scale > 0.01 and max(scales) > 0.01  # grew
-    assert guard.lr.scale <= guard.lr.ceiling < 1.0  # ... and stays under the ceiling
+    assert guard.lr_control.scale > 0.01 and max(scales) > 0.01  # grew
+    assert guard.lr_control.scale <= guard.lr_control.ceiling < 1.0  # ... and stays under the ceiling
     assert guard.counters["rollbacks"] == 0  # growing needs no rollback
 
 
@@ -368,7 +373,7 @@ def test_a_growth_step_that_learns_worse_is_not_taken_and_not_tried_again(tmp_pa
 
     guard_kwargs = {"growth_interval": 8, "snapshot_every": 4, "search": trials}
     trainer, guard = make_trainer(tmp_path, epochs=8, guard_kwargs=guard_kwargs)
-    guard.lr.back_off(0.01)
+    guard.lr_control.back_off(0.01)
     after_growth = {}
 
     @trainer.on(Events.ITERATION_COMPLETED)
@@ -382,7 +387,11 @@ def test_a_growth_step_that_learns_worse_is_not_taken_and_not_tried_again(tmp_pa
     assert len(growths) == 1 and growths[0]["step"] == pytest.approx(10**0.5)
     for key, value in growths[0]["network"].items():  # the copy of now the trials started from, put back
         assert torch.equal(value, after_growth["network"][key]), key
-    assert guard.lr.scale == pytest.approx(0.01) and guard.lr.ceiling == pytest.approx(0.01) and not guard.lr.can_grow()
+    assert (
+        guard.lr_control.scale == pytest.approx(0.01)
+        and guard.lr_control.ceiling == pytest.approx(0.01)
+        and not guard.lr_control.can_grow()
+    )
     assert guard.log.lr_changes == [] and guard.counters["rollbacks"] == 0 and guard.status == "completed"
 
 
@@ -410,7 +419,7 @@ def test_a_collapsed_score_gap_is_a_stall_that_the_search_examines(tmp_path):
     assert guard.counters["stalls"] >= 1 and stall["iteration"] > 12 and stall["files"] == []
     search = next(s for s in guard.log.searches if s["iteration"] == stall["iteration"])
     assert search["chosen_lr"] == search["trials"][0]["lr"] == 0.002  # the LR is not the cause
-    assert guard.counters["rollbacks"] == 0 and guard.lr.scale == 1.0
+    assert guard.counters["rollbacks"] == 0 and guard.lr_control.scale == 1.0
     assert guard.status == "completed" and finite_weights(trainer.network)
 
 
@@ -443,7 +452,7 @@ def test_a_stall_that_a_smaller_lr_cures_rolls_back_to_the_last_snapshot(tmp_pat
     change = guard.log.lr_changes[0]
     assert change["iteration"] == stall["iteration"] and "stopped learning" in change["why"]
     assert change["to"] == pytest.approx(0.002 * 10**-0.5)
-    assert guard.lr.scale <= 10**-0.5 + 1e-9 and guard.status == "completed" and finite_weights(trainer.network)
+    assert guard.lr_control.scale <= 10**-0.5 + 1e-9 and guard.status == "completed" and finite_weights(trainer.network)
 
 
 def test_a_crash_runs_each_exception_handler_once_and_propagates(tmp_path):

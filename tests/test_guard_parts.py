@@ -87,7 +87,7 @@ def test_blame_quarantines_a_file_that_fails_far_more_often_than_the_others():
 
 
 def test_learning_signal_notices_a_collapse_relative_to_the_runs_own_best():
-    signal = LearningSignal(span=3, collapse_fraction=0.5, patience=2)
+    signal = LearningSignal(span=3, collapse_fraction=0.5, stall_windows=2)
     for gap in (0.01, 0.05, 0.1, 0.2, 0.3, math.nan, 0.3):
         signal.add(gap)
     assert signal.best == pytest.approx((0.2 + 0.3 + 0.3) / 3) and not signal.collapsed()
@@ -103,7 +103,7 @@ def test_learning_signal_notices_a_collapse_relative_to_the_runs_own_best():
 
 
 def test_learning_signal_never_judges_a_run_that_has_not_learned_yet():
-    signal = LearningSignal(span=2, patience=1)
+    signal = LearningSignal(span=2, stall_windows=1)
     for gap in (-0.01, 0.0, -0.02, 0.0):  # noise around zero: no best above zero, nothing to collapse from
         signal.add(gap)
     assert not signal.collapsed() and not signal.stalled()

@@ -84,6 +84,7 @@ def inferred(phantoms: dict[str, str], tmp_path_factory: pytest.TempPathFactory)
     return {"pt": os.path.join(root, "eval"), "ts": ts_out, "root": root}
 
 
+@pytest.mark.slow
 def test_result_json_structure(inferred: dict[str, str], phantoms: dict[str, str]) -> None:
     with open(os.path.join(inferred["pt"], "result.json")) as f:
         result = json.load(f)
@@ -97,6 +98,7 @@ def test_result_json_structure(inferred: dict[str, str], phantoms: dict[str, str
     assert os.path.getsize(os.path.join(inferred["pt"], "previews", "val_000.png")) > 0
 
 
+@pytest.mark.slow
 def test_torchscript_model_gives_the_same_result(inferred: dict[str, str]) -> None:
     results = []
     for key in ("pt", "ts"):
@@ -109,6 +111,7 @@ def test_torchscript_model_gives_the_same_result(inferred: dict[str, str]) -> No
     np.testing.assert_allclose(eager["box"][:top], scripted["box"][:top], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_folder_input(inferred: dict[str, str], phantoms: dict[str, str], tmp_path) -> None:
     folder = tmp_path / "scans"
     folder.mkdir()
@@ -169,6 +172,7 @@ def runner(phantoms: dict[str, str], root, error: Exception | None = None):
     return run
 
 
+@pytest.mark.slow
 def test_a_nonfinite_prediction_is_listed_and_the_run_goes_on(phantoms: dict[str, str], tmp_path) -> None:
     run = runner(phantoms, tmp_path)
     with pytest.raises(InferenceFailed, match=r"inference failed on 1 of 2 images") as e:
@@ -186,6 +190,7 @@ def test_a_nonfinite_prediction_is_listed_and_the_run_goes_on(phantoms: dict[str
     ]
 
 
+@pytest.mark.slow
 def test_an_image_that_changed_since_the_data_check_is_listed_and_the_run_goes_on(
     phantoms: dict[str, str], tmp_path
 ) -> None:
@@ -205,6 +210,7 @@ def test_an_image_that_changed_since_the_data_check_is_listed_and_the_run_goes_o
     assert failure["message"].startswith("unreadable: not a NIfTI file")
 
 
+@pytest.mark.slow
 def test_a_crash_keeps_the_results_so_far(phantoms: dict[str, str], tmp_path) -> None:
     """A bug (not the image's fault) keeps its traceback, and the results written before it stay on disk."""
     run = runner(phantoms, tmp_path, error=RuntimeError("a bug"))
@@ -216,6 +222,7 @@ def test_a_crash_keeps_the_results_so_far(phantoms: dict[str, str], tmp_path) ->
     assert len(result["training"][0]["box"]) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["exclude", "strict", "off"])
 def test_an_image_listed_three_times_is_inferred_once_for_each_listing_under_every_data_check_policy(
     inferred: dict[str, str], phantoms: dict[str, str], tmp_path, policy: str, caplog: pytest.LogCaptureFixture
@@ -299,6 +306,7 @@ def test_loader_workers_follow_the_cpus_of_the_process(monkeypatch: pytest.Monke
     assert loader_workers() == 0
 
 
+@pytest.mark.slow
 def test_the_inference_benchmark_runs_both_arms_to_the_same_results(tmp_path) -> None:
     """On a CPU both arms stitch on the host: the same result.json, and a table with both arms."""
     overrides = tmp_path / "cpu.json"

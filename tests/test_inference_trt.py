@@ -14,6 +14,8 @@ import torch
 from monai.bundle import run
 from tests.bundle_helpers import TINY, bundle_paths, config, make_phantoms, parse, save_tiny_model
 
+pytestmark = pytest.mark.slow  # trains a real network or runs a bundle workflow
+
 INFERENCE_IMPORTS = json.loads(Path(config("inference.json")).read_text())["imports"]
 
 

@@ -12,6 +12,8 @@ from scripts.data.luna16_csv import Candidate, seriesuid_of, write_submission
 from scripts.errors import UserError
 from scripts.tools.luna16_folds import find_folds, fold_commands, held_out_scans, run_folds
 
+pytestmark = pytest.mark.slow  # trains a real network or runs a bundle workflow
+
 # the demo network for one epoch on the 64 x 64 x 32 phantoms
 FAST = ["--epochs", "1", "--val_interval", "1", "--warmup_epochs", "0", "--patch_size", "[64,64,32]"]
 FAST += ["--val_patch_size", "[64,64,32]", "--num_workers", "0", "--cache_rate", "0"]

@@ -331,6 +331,7 @@ def write_raw(raw: str, t: Luna16Truth, seriesuids: bool = True, excluded: bool 
             f.writelines(u + "\n" for u in t.seriesuids)
 
 
+@pytest.mark.slow
 def test_evaluate_luna16_through_the_bundle(tmp_path) -> None:
     cands, t = random_case(3)
     raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
@@ -358,6 +359,7 @@ def test_evaluate_luna16_through_the_bundle(tmp_path) -> None:
     assert os.path.getsize(os.path.join(out, "luna16_froc.png")) > 0
 
 
+@pytest.mark.slow
 def test_missing_tables(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
     cands, t = random_case(4)
     raw = str(tmp_path / "raw")
@@ -407,6 +409,7 @@ def datalist_truth(datalist: str) -> Luna16Truth:
     return truth(nodules, [seriesuid_of(i["image"]) for i in items])
 
 
+@pytest.mark.slow
 def test_world_centres_of_the_loaded_boxes_are_the_datalist_centres(evaluated: dict[str, str]) -> None:
     parser = ConfigParser()
     parser.read_config(EVAL_CONFIGS)
@@ -423,6 +426,7 @@ def test_world_centres_of_the_loaded_boxes_are_the_datalist_centres(evaluated: d
     assert world[:, 3:] - world[:, :3] == pytest.approx(np.asarray(item["box"])[:, 3:], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_evaluate_reports_the_official_froc_and_its_submission(evaluated: dict[str, str], tmp_path) -> None:
     out = evaluated["out"]
     with open(os.path.join(out, "metrics.json")) as f:
@@ -446,6 +450,7 @@ def test_evaluate_reports_the_official_froc_and_its_submission(evaluated: dict[s
     assert again["sensitivity"] == pytest.approx(reference(submission, t)["sensitivity"], abs=1e-12)
 
 
+@pytest.mark.slow
 def test_evaluate_with_luna16_tables(evaluated: dict[str, str], tmp_path) -> None:
     """With luna16_dir, annotations.csv and annotations_excluded.csv are the truth: an excluded finding on a false
     positive ignores it."""

@@ -240,6 +240,7 @@ def test_resume_after_an_interruption(raw: str, prepared: str, truth: dict, tmp_
     assert _files(data) == _files(prepared)
 
 
+@pytest.mark.slow  # worker processes
 def test_parallel_output_identical_to_serial(tmp_path) -> None:
     raw = str(tmp_path / "raw")
     generate_luna16(raw, subsets=2, scans_per_subset=2, seed=3, progress=False)
@@ -359,6 +360,7 @@ def test_compressed_data_checked_before_itk(tmp_path) -> None:
         prepare_luna16(raw, str(tmp_path / "strict"), policy="strict", workers=1, progress=False)
 
 
+@pytest.mark.slow
 def test_bundle_run_id(tmp_path) -> None:
     raw, data = str(tmp_path / "raw"), str(tmp_path / "data")
     generate_luna16(raw, subsets=2, scans_per_subset=1, seed=2, fov_mm=(40.0, 40.0, 40.0), progress=False)

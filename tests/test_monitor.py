@@ -9,13 +9,15 @@ import re
 import monai
 import pytest
 import torch
-from conftest import make_trainer, poison_gradients, tiny_sample
 from ignite.engine import Events
 from monai.data import Dataset
 from monai.data.utils import no_collation
 from monai.handlers import MLFlowHandler
 from scripts.guard.monitor import TrainingMonitor
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from training_helpers import make_trainer, poison_gradients, tiny_sample
+
+pytestmark = pytest.mark.slow  # trains a real network or runs a bundle workflow
 
 
 class RecordingMLflow(MLFlowHandler):

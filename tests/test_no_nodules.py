@@ -9,7 +9,6 @@ import os
 import pytest
 import torch
 from bundle_helpers import parse
-from conftest import make_trainer, tiny_sample
 from ignite.engine import Events
 from monai.data import Dataset
 from monai.data.utils import no_collation
@@ -19,6 +18,7 @@ from scripts.data.quarantine import Quarantine, QuarantineSampler
 from scripts.data.report import DataReport
 from scripts.data.rules import check_annotations, no_boxes
 from test_bundle import TINY_CONFIG, bundle
+from training_helpers import make_trainer, tiny_sample
 
 
 @pytest.mark.parametrize(
@@ -45,6 +45,7 @@ def _negative(index: int) -> dict:
     return {**sample, "box": torch.zeros((0, 6)), "label": torch.zeros((0,), dtype=torch.long)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sync_free", [True, False])
 def test_a_batch_without_boxes_trains_on_its_negatives(tmp_path, sync_free):
     quarantine = Quarantine()
@@ -78,6 +79,7 @@ def test_crops_of_a_scan_without_nodules_are_negatives():
         assert tuple(c["box"].shape) == (0, 6) and tuple(c["label"].shape) == (0,)
 
 
+@pytest.mark.slow
 def test_training_and_evaluation_with_scans_without_nodules(tmp_path):
     data = tmp_path / "data"
     path = generate_dataset(str(data), num_train=4, num_val=2, num_select=2, shape=(64, 64, 32), progress=False)

@@ -199,6 +199,7 @@ def test_invalid_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:
         generate_dataset(str(tmp_path), **{"num_train": 1, "num_val": 0, "shape": SHAPE, **kwargs})
 
 
+@pytest.mark.slow
 def test_cli(tmp_path: Path) -> None:
     out = tmp_path / "cli"
     cmd = [sys.executable, "-m", "scripts.data.phantoms", "--out", str(out)]

@@ -343,6 +343,7 @@ def _read_all(cache_dir: str, dataset_dir: str, root: str, queue) -> None:
     queue.put([int(dataset._cachecheck(item)["image"].long().sum()) for item in dataset.data])
 
 
+@pytest.mark.slow  # worker processes
 def test_shared_cache_is_safe_for_concurrent_writers_and_changed_files(phantoms, tmp_path):
     data = str(tmp_path / "data")
     shutil.copytree(phantoms, data)  # one image is rewritten below

@@ -252,6 +252,7 @@ def test_a_folder_of_metaimages_is_an_input_list(scans: Path) -> None:
     assert [i["image_name"] for i in list_inputs("", str(scans))] == ["flipped.mhd", "identity.nii.gz"]
 
 
+@pytest.mark.slow
 def test_the_zoo_cli_runs_a_raw_scan_with_a_trained_model(scans: Path, tmp_path: Path) -> None:
     """``--whether_raw_luna16 True`` through MONAI's bundle runner: ``initialize`` loads model.pt with the
     ``checkpointloader``, the detector runs, and submission.csv holds each scan's 100 best boxes."""

@@ -104,6 +104,7 @@ def test_phantom_datalists_name_their_selection_set(tmp_path):
         assert (tmp_path / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
+@pytest.mark.slow
 def test_training_on_a_fold_whose_test_images_do_not_exist_selects_model_pt(tmp_path):
     fold_path, data, _ = _fold_file(tmp_path)
     root = tmp_path / "bundle"

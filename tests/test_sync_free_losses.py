@@ -7,7 +7,6 @@ import random
 
 import pytest
 import torch
-from conftest import assert_same_state, finite_weights, make_trainer, state_of, tiny_detector, tiny_loader, tiny_sample
 from ignite.engine import Events
 from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
 from monai.apps.detection.utils.ATSS_matcher import ATSSMatcher
@@ -18,6 +17,15 @@ from scripts.detection.sync_free_heads import SyncFreeClassificationHead, SyncFr
 from scripts.detection.sync_free_losses import SyncFreeRetinaNetLoss, sample_anchors, sample_counts
 from scripts.detection.targets import atss_match, encode_boxes, pad_targets
 from scripts.tools.sync_count import SyncCounter
+from training_helpers import (
+    assert_same_state,
+    finite_weights,
+    make_trainer,
+    state_of,
+    tiny_detector,
+    tiny_loader,
+    tiny_sample,
+)
 
 CPU = torch.device("cpu")
 # train.json's anchors and backbone strides (conv1 (2, 2, 1) and a max pool, then x2 per level)
@@ -344,6 +352,7 @@ def test_a_non_finite_logit_makes_the_losses_nan_instead_of_raising():
     assert math.isnan(float(losses["classification"])) and math.isnan(float(losses["box_regression"]))
 
 
+@pytest.mark.slow
 def test_the_guarded_trainer_runs_the_sync_free_detector(tmp_path):
     trainer, guard = make_trainer(tmp_path, epochs=1)
     trainer.detector.set_sync_free(True)
@@ -362,6 +371,7 @@ def test_the_guarded_trainer_runs_the_sync_free_detector(tmp_path):
     assert guard.counters["rollbacks"] == 1 and finite_weights(trainer.network)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sync_free", [True, False], ids=["sync_free", "monai"])
 def test_non_finite_logits_are_refused_when_guarded_and_raise_the_zoos_error_when_not(tmp_path, sync_free):
     # MONAI's heads raise their ValueError mid-forward (caught: the step is refused); the sync-free heads flag it

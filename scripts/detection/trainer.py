@@ -58,6 +58,17 @@ def detection_prepare_batch(
     return DetectionBatch(images, targets, files)
 
 
+class StepLosses(NamedTuple):
+    """One step's losses on the device, and whether the heads ran (``False``: they raised ``NaN or Inf``)."""
+
+    loss: torch.Tensor
+    loss_cls: torch.Tensor
+    loss_reg: torch.Tensor
+    anchor_scores: dict[str, torch.Tensor]
+    heads_finite: torch.Tensor | None  # the sync-free detector's own finiteness flag (MONAI's heads raise instead)
+    ran: bool
+
+
 def _ratio(total: float, count: float) -> float:
     return total / count if count else math.nan
 
@@ -228,43 +239,79 @@ class StabilisedDetectionTrainer(Trainer):
         (``LOSS_COMPLETED``, ``BACKWARD_COMPLETED``): the trial steps of an LR search are not iterations of the run.
         """
         batch = self.prepare_batch(batchdata, self.state.device, self.non_blocking)
-        images, targets, files = batch.images, batch.targets, batch.files
         self.detector.train()
         self.optimizer.zero_grad(set_to_none=True)
         saved_buffers = [b.clone() for b in self.buffers] if self.skip_nonfinite else []
-        device = self.state.device
-        nan = torch.full((), math.nan, device=device)  # a fill, not a copy from the host (a sync on a GPU)
-
-        losses = self._forward_loss(images, targets)
-        if losses is None:
-            loss_cls = loss_reg = loss = nan
-            anchor_scores = {k: torch.zeros((), device=device) for k in ANCHOR_SCORE_NAMES}
+        # 1. forward and backward. The losses are scripts/detection/sync_free_losses.py's when the detector was built
+        # with sync_free=True (train.json's default: `RetinaNetDetector.set_sync_free`), MONAI's otherwise
+        losses = self._forward_backward(batch, fire_events)
+        # 2. every number the decision needs, on device, read to the host at once (the step's one sync point)
+        finite_images = torch.stack([torch.isfinite(x).all() for x in batch.images])
+        value, bad_images = self._read_step(losses, finite_images)
+        # 3. the decision: the first event kind that occurred, or none
+        event = self._decide(value)
+        # 4. the optimiser steps, or the step is refused and the state left as it was
+        if event is None:
+            self._step(grads_finite=math.isfinite(value["grad_norm"]))
         else:
-            # MONAI returns the box loss of a batch without box samples as a CPU tensor: bring both to the device
-            loss_cls = losses[self.detector.cls_key].to(device)
-            loss_reg = losses[self.detector.box_reg_key].to(device)
-            anchor_scores = {k: v.to(device) for k, v in losses[ANCHOR_SCORES].items()}
-            loss = self.w_cls * loss_cls + self.w_reg * loss_reg
-            if fire_events:
-                self.state.output = {"loss": loss}  # what MONAI's iteration events expect to find
-                self.fire_event(IterationEvents.LOSS_COMPLETED)
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
-            if fire_events:
-                self.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            self._refuse_step(event, unscaled=losses.ran)
+            with torch.no_grad():
+                for b, s in zip(self.buffers, saved_buffers, strict=True):
+                    b.copy_(s)
+        self.optimizer.zero_grad(set_to_none=True)
+        # 5. the report
+        if event == "input":
+            bad_files = [f for f, bad in zip(batch.files, bad_images, strict=True) if bad]
+        else:
+            bad_files = list(batch.files) if event else []
+        return self._report(value, event, batch.files, bad_files)
 
-        finite_images = torch.stack([torch.isfinite(x).all() for x in images])
+    def _forward_backward(self, batch: DetectionBatch, fire_events: bool) -> StepLosses:
+        """The detector's losses (NaN when a head raised) and their backward pass, with MONAI's iteration events."""
+        device = self.state.device
+        losses = self._forward_loss(batch.images, batch.targets)
+        if losses is None:
+            nan = torch.full((), math.nan, device=device)  # a fill, not a copy from the host (a sync on a GPU)
+            scores = {k: torch.zeros((), device=device) for k in ANCHOR_SCORE_NAMES}
+            return StepLosses(loss=nan, loss_cls=nan, loss_reg=nan, anchor_scores=scores, heads_finite=None, ran=False)
+        # MONAI returns the box loss of a batch without box samples as a CPU tensor: bring both to the device
+        loss_cls = losses[self.detector.cls_key].to(device)
+        loss_reg = losses[self.detector.box_reg_key].to(device)
+        scores = {k: v.to(device) for k, v in losses[ANCHOR_SCORES].items()}
+        loss = self.w_cls * loss_cls + self.w_reg * loss_reg
+        if fire_events:
+            self.state.output = {"loss": loss}  # what MONAI's iteration events expect to find
+            self.fire_event(IterationEvents.LOSS_COMPLETED)
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        if fire_events:
+            self.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        return StepLosses(
+            loss=loss,
+            loss_cls=loss_cls,
+            loss_reg=loss_reg,
+            anchor_scores=scores,
+            heads_finite=losses.get(HEADS_FINITE),
+            ran=True,
+        )
+
+    def _read_step(self, losses: StepLosses, finite_images: torch.Tensor) -> tuple[dict[str, float], list[bool]]:
+        """
+        The step's flags, losses, anchor scores and norms (summed over the DDP ranks where they are shared), read to
+        the host in one read; and which images were not finite.
+        """
+        device = self.state.device
         shared = {  # summed over the DDP ranks (flags: any rank)
             "bad_input": (~finite_images.all()).float(),
             "logits_failed": self._heads_failed(losses, device),
-            "bad_loss": (~loss.isfinite() | (loss.detach() > self.loss_limit)).float(),
-            "loss": loss.detach().float(),
-            "loss_cls": loss_cls.detach().float(),
-            "loss_reg": loss_reg.detach().float(),
-            **anchor_scores,
+            "bad_loss": (~losses.loss.isfinite() | (losses.loss.detach() > self.loss_limit)).float(),
+            "loss": losses.loss.detach().float(),
+            "loss_cls": losses.loss_cls.detach().float(),
+            "loss_reg": losses.loss_reg.detach().float(),
+            **losses.anchor_scores,
         }
         if self.world_size > 1:
             shared = self._all_reduce(shared)
-        grad_norm = self._unscale_and_clip(unscaled=losses is not None)
+        grad_norm = self._unscale_and_clip(unscaled=losses.ran)
         host = read_to_host(
             {
                 **shared,
@@ -274,7 +321,10 @@ class StabilisedDetectionTrainer(Trainer):
                 "bad_images": ~finite_images,
             }
         )
-        value = {name: v[0] for name, v in host.items() if name != "bad_images"}
+        return {name: v[0] for name, v in host.items() if name != "bad_images"}, list(host["bad_images"])
+
+    def _decide(self, value: dict[str, float]) -> str | None:
+        """The step's event (`EVENT_KINDS` in order) or ``None``; without ``skip_nonfinite``, as MONAI would."""
         flags = {
             "input": value["bad_input"],
             "logits": value["logits_failed"],
@@ -283,19 +333,9 @@ class StabilisedDetectionTrainer(Trainer):
         }
         if flags["logits"] and not self.skip_nonfinite:
             raise ValueError("cls_logits is NaN or Inf.")  # what MONAI's heads raise, read with the rest here
-        event = next((kind for kind in EVENT_KINDS if flags[kind]), None) if self.skip_nonfinite else None
-        if event is None:
-            self._step(grads_finite=not flags["grad"])
-        else:
-            self._refuse_step(event, unscaled=losses is not None)
-            with torch.no_grad():
-                for b, s in zip(self.buffers, saved_buffers, strict=True):
-                    b.copy_(s)
-        self.optimizer.zero_grad(set_to_none=True)
-        if event == "input":
-            bad_files = [f for f, bad in zip(files, host["bad_images"], strict=True) if bad]
-        else:
-            bad_files = list(files) if event else []
+        return next((kind for kind in EVENT_KINDS if flags[kind]), None) if self.skip_nonfinite else None
+
+    def _report(self, value: dict[str, float], event: str | None, files: list[str], bad_files: list[str]) -> StepReport:
         return StepReport(
             loss=value["loss"] / self.world_size,
             loss_cls=value["loss_cls"] / self.world_size,
@@ -313,11 +353,11 @@ class StabilisedDetectionTrainer(Trainer):
         )
 
     @staticmethod
-    def _heads_failed(losses: dict[str, torch.Tensor] | None, device: torch.device) -> torch.Tensor:
+    def _heads_failed(losses: StepLosses, device: torch.device) -> torch.Tensor:
         """1.0 where a head output was not finite: the heads raised (MONAI's path), or the sync-free detector said."""
-        if losses is not None and HEADS_FINITE in losses:
-            return (~losses[HEADS_FINITE]).float()
-        return torch.full((), float(losses is None), device=device)
+        if losses.heads_finite is not None:
+            return (~losses.heads_finite).float()
+        return torch.full((), float(not losses.ran), device=device)
 
     def _unscale_and_clip(self, unscaled: bool) -> torch.Tensor:
         """The global gradient norm before clipping (NaN when no gradient exists); clips when asked to."""

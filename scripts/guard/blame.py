@@ -14,11 +14,11 @@ from typing import Any
 
 from scripts.distributed import gather_lists
 
-__all__ = ["FileBlame", "Verdict"]
+__all__ = ["Blame", "FileBlame"]
 
 
 @dataclass(frozen=True)
-class Verdict:
+class Blame:
     """The files of one event (merged over the DDP ranks) and those of them to quarantine, with the reasons."""
 
     files: tuple[str, ...]
@@ -49,7 +49,7 @@ class FileBlame:
         for path in {os.path.abspath(f) for f in files if f}:
             self.stats.setdefault(path, [0, 0])[1] += 1
 
-    def blame(self, files: Iterable[str], kind: str) -> Verdict:
+    def blame(self, files: Iterable[str], kind: str) -> Blame:
         """
         Count one event of ``kind`` against this rank's ``files`` and decide which to quarantine.
 
@@ -64,7 +64,7 @@ class FileBlame:
             if self.quarantine_after and stats[0] >= self.quarantine_after and (kind == "input" or self._stands_out(f)):
                 candidates.append((f, f"{stats[0]} events in {stats[1]} iterations (last: {kind})"))
         merged, candidates = gather_lists(local, candidates)
-        return Verdict(tuple(sorted(set(merged))), tuple((f, why) for f, why in candidates))
+        return Blame(tuple(sorted(set(merged))), tuple((f, why) for f, why in candidates))
 
     def _stands_out(self, file: str) -> bool:
         """Whether ``file``, seen 4+ times, failed in 3/4 of its iterations and twice as often as the others."""

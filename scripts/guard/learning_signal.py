@@ -22,13 +22,13 @@ class LearningSignal:
     Args:
         span: windows averaged into the level.
         collapse_fraction: the level has collapsed when it is below this fraction of the best level.
-        patience: windows in a row with a collapsed level before the detector counts as stalled.
+        stall_windows: windows in a row with a collapsed level before the detector counts as stalled.
     """
 
-    def __init__(self, span: int = 5, collapse_fraction: float = 0.5, patience: int = 5) -> None:
+    def __init__(self, span: int = 5, collapse_fraction: float = 0.5, stall_windows: int = 5) -> None:
         self.span = span
         self.collapse_fraction = collapse_fraction
-        self.patience = patience
+        self.stall_windows = stall_windows
         self.windows: deque[float] = deque(maxlen=span)
         self.best = -math.inf
         self.collapsed_windows = 0
@@ -53,8 +53,8 @@ class LearningSignal:
         return len(self.windows) == self.span and self.best > 0 and self.level < self.collapse_fraction * self.best
 
     def stalled(self) -> bool:
-        """Whether the level has been collapsed for ``patience`` windows in a row."""
-        return self.collapsed_windows >= self.patience
+        """Whether the level has been collapsed for ``stall_windows`` windows in a row."""
+        return self.collapsed_windows >= self.stall_windows
 
     def rebase(self) -> None:
         """Take the current level as the new best (after a dip that a smaller LR did not cure)."""

@@ -68,7 +68,7 @@ class LRPolicy:
     grown back to (`LRControl`'s ceiling).
 
     Args:
-        lr: the schedule's multiplier, shared with the guard (which reads it).
+        lr_control: the schedule's multiplier, shared with the guard (which reads it).
         enabled: search at all (``False``: every fault backs the LR off by ``lr_backoff``; no check, no growth).
         search_iters: steps per trial (the last that many applied batches are kept for the trials).
         search_margin: how much more trial loss than the best the chosen (largest) LR may have, as a fraction.
@@ -82,7 +82,7 @@ class LRPolicy:
 
     def __init__(
         self,
-        lr: LRControl,
+        lr_control: LRControl,
         enabled: bool = True,
         search_iters: int = 16,
         search_margin: float = 0.25,
@@ -93,7 +93,7 @@ class LRPolicy:
         max_norm_growth: float = 0.0,
         search: Callable[..., SearchResult] = search_lr,
     ) -> None:
-        self.lr, self.enabled = lr, enabled
+        self.lr_control, self.enabled = lr_control, enabled
         self.search_confirm, self.search = search_confirm, search
         self.max_norm_growth = max_norm_growth
         self.search_iters, self.search_margin, self.lr_backoff = search_iters, search_margin, lr_backoff
@@ -113,13 +113,13 @@ class LRPolicy:
 
     def due_for_growth(self, iteration: int) -> bool:
         """A reduced LR that has been healthy for ``growth_interval`` iterations since it last changed."""
-        return self.enabled and self.lr.can_grow() and iteration - self.last_lr_change >= self.growth_interval
+        return self.enabled and self.lr_control.can_grow() and iteration - self.last_lr_change >= self.growth_interval
 
     def after_fault(self, engine: Engine, origin: Snapshot) -> LRDecision:
         """The LR to go on with from ``origin`` after a fault (always a restart: the caller rolls back)."""
-        failed = self.lr.current_lr()
+        failed = self.lr_control.current_lr()
         # a fault that comes back at the LR a search kept is no transient: the LR passes short trials but not training
-        recurred = self.kept_as_transient is not None and math.isclose(self.lr.scale, self.kept_as_transient)
+        recurred = self.kept_as_transient is not None and math.isclose(self.lr_control.scale, self.kept_as_transient)
         self.kept_as_transient = None
         result = self._search(engine, origin, failed * SEARCH_STEP if recurred else failed, patience=2, settle=True)
         if result is None or result.lr is None:  # the search could not tell: the classic remedy
@@ -134,7 +134,7 @@ class LRPolicy:
         LR works, a restart there (from the run's first state, the caller's) if ``may_restart``; otherwise the run is
         put back to ``now`` at its LR.
         """
-        start = self.lr.peak_lr()
+        start = self.lr_control.peak_lr()
         result = self._search(engine, now, start, patience=1, max_trials=6)
         # the recipe is overruled only where its peak fails from the warmed-up state: a smaller LR wins 16-step trials
         # from there by up to half without learning better (ResNet50-FPN, batch 2: 0.01 33% and 46% behind)
@@ -144,7 +144,7 @@ class LRPolicy:
 
     def on_stall(self, engine: Engine, origin: Snapshot, now: Snapshot, may_restart: bool) -> LRDecision:
         """Does a smaller LR than the current one learn better from ``origin``? A restart there if so."""
-        failed = self.lr.current_lr()
+        failed = self.lr_control.current_lr()
         result = self._search(engine, origin, failed, patience=2)
         if result is not None and result.changed and may_restart:
             return LRDecision(restart=True, peak_lr=result.lr, failed_lr=failed, search=result)
@@ -153,33 +153,33 @@ class LRPolicy:
     def grow(self, engine: Engine, now: Snapshot) -> LRDecision:
         """Does one step up from a reduced LR learn about as well from ``now``? Then it is taken."""
         self.last_lr_change = engine.state.iteration
-        start = self.lr.peak_lr()
-        up = self.lr.growth_candidate(1 / SEARCH_STEP)
+        start = self.lr_control.peak_lr()
+        up = self.lr_control.growth_candidate(1 / SEARCH_STEP)
         result = self._search(engine, now, start, patience=1, max_trials=2, step=up / start, limit=up)
         now.restore()
         if result is not None and result.changed:
-            self.lr.set_peak_lr(result.lr)
+            self.lr_control.set_peak_lr(result.lr)
             return LRDecision(restart=False, peak_lr=result.lr, search=result)
-        self.lr.failed_at(up)  # do not try that level again
-        self.lr.reapply()
+        self.lr_control.failed_at(up)  # do not try that level again
+        self.lr_control.reapply()
         return LRDecision(restart=False, failed_lr=up, search=result)
 
     def apply(self, decision: LRDecision, iteration: int) -> None:
         """Set the LR a restart decided on, after the caller rolled the run back (at ``iteration``)."""
         self.last_lr_change = iteration
         if decision.back_off:
-            self.lr.back_off(self.lr_backoff)
+            self.lr_control.back_off(self.lr_backoff)
             return
         if decision.transient:
-            self.kept_as_transient = self.lr.scale
-            self.lr.reapply()
+            self.kept_as_transient = self.lr_control.scale
+            self.lr_control.reapply()
             return
-        self.lr.failed_at(decision.failed_lr)
-        self.lr.set_peak_lr(decision.peak_lr)
+        self.lr_control.failed_at(decision.failed_lr)
+        self.lr_control.set_peak_lr(decision.peak_lr)
 
     def _keep(self, now: Snapshot, result: SearchResult | None) -> LRDecision:
         now.restore()  # the trials moved the state: back to where the run was, at its LR
-        self.lr.reapply()
+        self.lr_control.reapply()
         return LRDecision(restart=False, search=result)
 
     def _search(
@@ -210,12 +210,12 @@ class LRPolicy:
             result = confirm(longer, result)
         runner.finish()
         if result.lr is not None and result.lost_at is not None:  # lost from a good state: never grow back to it
-            self.lr.failed_at(result.lost_at)
+            self.lr_control.failed_at(result.lost_at)
         return result
 
     def state_dict(self) -> dict[str, Any]:
-        return {"lr": self.lr.state_dict(), "kept_as_transient": self.kept_as_transient}
+        return {"lr": self.lr_control.state_dict(), "kept_as_transient": self.kept_as_transient}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.lr.load_state_dict(state["lr"])
+        self.lr_control.load_state_dict(state["lr"])
         self.kept_as_transient = state.get("kept_as_transient")

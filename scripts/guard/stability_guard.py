@@ -4,13 +4,12 @@ searches, quarantine and, when recovery is hopeless or the detector learned noth
 Ignite's `TerminateOnNan` only stops a run and AMP's GradScaler only skips fp16 overflow steps; nothing in MONAI,
 ignite or torch restores a last good state, finds a learning rate that works from it and carries on, hence this
 handler. This class is the event policy (skip, roll back, stop, judge the end); the LR the run goes on with is
-`LRPolicy`'s. Its other parts: `Snapshot` (the last good state), `LearningSignal` (is the detector still learning),
-`FileBlame` (which files to quarantine) and `GuardLog` (events, report, checkpoint).
+`LRPolicy`'s. Its other parts: `RollbackTarget` (where a rollback goes), `LearningSignal` (is the detector still
+learning), `FileBlame` (which files to quarantine) and `GuardLog` (events, report, checkpoint).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from scripts.guard.log import GuardEvent, GuardLog
 from scripts.guard.lr_control import LRControl
 from scripts.guard.lr_policy import LRDecision, LRPolicy
 from scripts.guard.lr_search import SearchResult, search_lr
+from scripts.guard.rollback_target import RollbackTarget
 from scripts.guard.snapshot import Snapshot, weights_finite
 from scripts.guard.verdict import Verdict, best_validation, judge_learning
 from scripts.guard.window import StepWindow
@@ -46,24 +46,19 @@ class StabilityGuard:
     """
     Keeps a training run stable and makes sure it ends with a detector that learned, or says why not.
 
-    - An event the trainer reports (non-finite input, logits, loss or gradient, or a loss spike above
-      ``max_loss_growth`` times the median of the recent losses) skips the step. Non-finite input blames its files
-      (they are quarantined) and nothing else. ``patience`` other events in a row, non-finite weights, or weights
-      that moved more than ``max_update_ratio`` of their norm per step, roll back to the last good snapshot.
-    - The LR the run goes on with is `LRPolicy`'s decision (`scripts.guard.lr_policy`), asked after a rollback,
-      once when the schedule reaches its peak (the LR check at the end of the warm-up; until then, and until the
-      first window after it is snapshotted, a rollback goes to the run's first state, and so does a restart the
-      check decides), on a stall and every ``growth_interval`` healthy iterations at a reduced LR. Every change of
-      the LR is logged with its reason and summed up, asked against used, at the end of the run and in the report.
-    - The snapshot is refreshed every ``snapshot_every`` steps while the window had no event, the loss did not grow
-      ``max_loss_growth`` times and the detector's score gap did not collapse (`LearningSignal`). A gap collapsed
-      for ``stall_windows`` windows is a stall.
-    - After ``max_rollbacks`` rollbacks, or ``max_refused_in_a_row`` refused steps in a row from the last good
-      state, the run stops: the snapshot is restored and saved, the report written, and `raise_if_failed` exits
-      non-zero. A run whose detector learned nothing ends the same way, once it had a fair chance to learn
-      (`scripts.guard.verdict`); a shorter run ends with a warning that it was too short to judge.
+    It watches the trainer's `StepReport` of every iteration and, every ``snapshot_every`` applied steps, how far the
+    weights moved. A refused step (non-finite input, logits, loss or gradient, or a loss spike) is skipped; input
+    blames its files. ``patience`` refused steps in a row, non-finite weights, an update ratio above
+    ``max_update_ratio`` or, for SGD, a norm growth above ``max_norm_growth`` roll back to the `RollbackTarget`, and
+    the LR the run goes on with is `LRPolicy`'s (searched after a rollback, checked once at the end of the warm-up,
+    on a stall, and grown back after a healthy stretch at a reduced LR). After ``max_rollbacks`` rollbacks or
+    ``max_refused_in_a_row`` refused steps from the last good state the run stops with the last good state saved;
+    a run whose detector learned nothing ends as ``not_learned``; `raise_if_failed` exits non-zero in both cases.
+    Events, LR changes and the verdict go to the console and the JSON report (`GuardLog`); counters, LR, learning
+    signal, event log and file statistics are in `state_dict`.
 
-    Its counters, ceiling, learning signal, event log and file statistics are in `state_dict`.
+    Each rule, its limit and what the user sees: docs/README.md (the guard, step by step); how the parts fit:
+    docs/architecture.md.
 
     Args:
         network: the trained network.
@@ -149,10 +144,10 @@ class StabilityGuard:
         self.amp_overflow_patience = amp_overflow_patience
         self.min_val_metric, self.judge_after_epochs = min_val_metric, judge_after_epochs
         self.validator, self.output_transform = validator, output_transform
-        self.snapshot = Snapshot(network, optimizer, scaler, lr_scheduler, snapshot_device)
-        self.lr = LRControl(lr_scheduler)
+        self.target = RollbackTarget(Snapshot(network, optimizer, scaler, lr_scheduler, snapshot_device))
+        self.lr_control = LRControl(lr_scheduler)
         self.lr_policy = LRPolicy(
-            self.lr,
+            self.lr_control,
             enabled=lr_search,
             search_iters=search_iters,
             search_margin=search_margin,
@@ -164,17 +159,14 @@ class StabilityGuard:
             search=search,
         )
         self.blame = FileBlame(quarantine_after)
-        self.learning = LearningSignal(patience=stall_windows)
+        self.learning = LearningSignal(stall_windows=stall_windows)
         self.log = GuardLog(report_path, ckpt_path)
         self.quarantine = quarantine if quarantine is not None else Quarantine()
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.status, self.message = "running", None
-        self.consecutive = self.consecutive_amp = self.steps_since_restore = self.steps_since_snapshot = 0
+        self.consecutive = self.consecutive_amp = self.steps_since_restore = 0
         self.window = StepWindow(snapshot_every, max_loss_growth)
-        self.snapshot_loss: float | None = None
         self.update_ratio = self.norm_growth = math.nan
-        self.anchor: Snapshot | None = None  # the run's first state, until a window after the LR check is kept
-        self.lr_checked = False
         self.verdict = Verdict(best=None, learned=None)  # did the detector learn: judged when the run completes
 
     def attach(self, engine: Engine) -> None:
@@ -188,10 +180,7 @@ class StabilityGuard:
 
     def iteration_started(self, engine: Engine) -> None:
         """Take the first snapshot, and give the trainer this iteration's loss-spike limit."""
-        if self.snapshot.state is None:
-            self.snapshot.take(engine.state.iteration - 1)  # the state after that many iterations
-            # a shallow copy shares the state taken now; `take` replaces, never mutates it
-            self.anchor = None if self.lr_checked else copy.copy(self.snapshot)
+        self.target.start(engine.state.iteration - 1)  # the state after that many iterations
         engine.set_loss_limit(self.window.spike_limit())
 
     def iteration_completed(self, engine: Engine) -> None:
@@ -233,11 +222,11 @@ class StabilityGuard:
     def _stepped(self, engine: Engine, report: StepReport) -> None:
         self.consecutive = self.consecutive_amp = 0
         self.steps_since_restore += 1
-        self.steps_since_snapshot += 1
+        self.target.stepped()
         self.lr_policy.remember(engine.state.batch)
         if self.window.applied(report) and not self._end_window(engine, report):
             return
-        if not self.lr_checked and self.lr_policy.ready_to_check() and self.lr.warmup_done():
+        if not self.target.lr_checked and self.lr_policy.ready_to_check() and self.lr_control.warmup_done():
             self._check_lr(engine)
         elif self.lr_policy.due_for_growth(engine.state.iteration):
             self._grow(engine)
@@ -245,8 +234,9 @@ class StabilityGuard:
     def _end_window(self, engine: Engine, report: StepReport) -> bool:
         """Update ratio, learning signal and snapshot refresh; ``False`` when the window ended in a rollback."""
         window = self.window.close()
-        network_state = self.snapshot.network_state()
-        drift = self.snapshot.drift(network_state, self.steps_since_snapshot)
+        last_good = self.target.last_good
+        network_state = last_good.network_state()
+        drift = last_good.drift(network_state, self.target.steps_since)
         self.update_ratio, self.norm_growth = drift.update_ratio, drift.norm_growth
         if self.max_update_ratio and self.update_ratio > self.max_update_ratio:
             what = f"update ratio {self.update_ratio:.2g}"
@@ -260,26 +250,21 @@ class StabilityGuard:
             return False
         self.learning.add(window.score_gap)
         mean_loss = window.mean_loss
-        grew = self.snapshot_loss is not None and mean_loss > self.max_loss_growth * max(self.snapshot_loss, 1e-8)
+        kept_loss = self.target.window_loss
+        grew = kept_loss is not None and mean_loss > self.max_loss_growth * max(kept_loss, 1e-8)
         if window.clean and math.isfinite(mean_loss) and not grew and not self.learning.collapsed():
-            self.snapshot.take(engine.state.iteration, network_state)
-            self.snapshot_loss, self.steps_since_snapshot = mean_loss, 0
-            if self.lr_checked:  # the check's trials ran on a copy: the first window at the checked LR confirms it
-                self.anchor = None
+            self.target.keep(engine.state.iteration, network_state, mean_loss)
         elif self.learning.stalled():
             return self._stall(engine, report)
         return True
 
     def _recover(self, engine: Engine, why: str) -> None:
-        """
-        Roll back and continue at the LR that works from there: to the run's first state while the LR has not been
-        checked yet (the steps since may be damaged without showing it), else to the last good snapshot.
-        """
+        """Roll back to the `RollbackTarget`'s origin and continue at the LR that works from there."""
         self.consecutive = self.consecutive_amp = 0
         if self.counters["rollbacks"] >= self.max_rollbacks:
             self._stop(engine, why)
             return
-        origin = self.anchor or self.snapshot
+        origin = self.target.origin()
         decision = self._searched(engine, self.lr_policy.after_fault(engine, origin))
         found = (
             "no LR worked in a search from there: backed off" if decision.back_off else "an LR search there chose it"
@@ -289,7 +274,7 @@ class StabilityGuard:
         )
         logger.warning(
             f"guard: {why}; rolled back to the state after iteration {origin.iteration}, LR now "
-            f"{self.lr.current_lr():.3g} (x{self.lr.scale:.3g} of the schedule; rollback "
+            f"{self.lr_control.current_lr():.3g} (x{self.lr_control.scale:.3g} of the schedule; rollback "
             f"{self.counters['rollbacks']}/{self.max_rollbacks})"
         )
 
@@ -297,45 +282,43 @@ class StabilityGuard:
         """
         When the schedule reaches its peak, the LR check (`LRPolicy.check`): a run whose peak LR holds goes on
         untouched; one that does not restarts from its first state (the warm-up at too high an LR may have damaged
-        the detector for good without any event). The first state is kept until a window after the check is
-        snapshotted: an LR that passes its trials and then moves the weights too fast in the run rolls back to it.
+        the detector for good without any event).
         """
-        anchor, start = self.anchor, self.lr.peak_lr()
+        first, start = self.target.origin(), self.lr_control.peak_lr()
         decision = self._searched(
             engine, self.lr_policy.check(engine, self._copy_of_now(engine), self._may_roll_back())
         )
         if decision.restart:
             why = f"the recipe's peak LR failed its trial at the end of the warm-up: {decision.search.summary()}"
-            self._restart(engine, anchor, decision, f"{why}; the run restarted from iteration {anchor.iteration}")
-            logger.warning(f"guard: LR {start:.3g} too high: restarted after iteration {anchor.iteration}")
+            self._restart(engine, first, decision, f"{why}; the run restarted from iteration {first.iteration}")
+            logger.warning(f"guard: LR {start:.3g} too high: restarted after iteration {first.iteration}")
         elif decision.search is not None and decision.search.changed:  # the search's line names another LR
             logger.warning(f"guard: LR check: the recipe's peak LR {start:.3g} is kept (it trains: it did not fail)")
-        self.lr_checked = True
+        self.target.checked()
 
     def _stall(self, engine: Engine, report: StepReport) -> bool:
         """The detector stopped separating nodules from background; ``False`` when a smaller LR cured it."""
         self.counters["stalls"] += 1
         level = f"score gap {self.learning.level:.3g}, best {self.learning.best:.3g}"
         self._record(engine, "stall", report, "searching the LR", f"learning stalled ({level})")
-        now = self._copy_of_now(engine)
-        decision = self._searched(engine, self.lr_policy.on_stall(engine, self.snapshot, now, self._may_roll_back()))
+        now, last_good = self._copy_of_now(engine), self.target.last_good
+        decision = self._searched(engine, self.lr_policy.on_stall(engine, last_good, now, self._may_roll_back()))
         if decision.restart:
             why = f"the detector stopped learning ({level}) and a smaller LR learned better"
-            self._restart(
-                engine, self.snapshot, decision, f"{why}; the run rolled back to iteration {self.snapshot.iteration}"
-            )
-            logger.warning(f"guard: back to iteration {self.snapshot.iteration}, LR {self.lr.current_lr():.3g}")
+            self._restart(engine, last_good, decision, f"{why}; the run rolled back to iteration {last_good.iteration}")
+            logger.warning(f"guard: back to iteration {last_good.iteration}, LR {self.lr_control.current_lr():.3g}")
             return False
         self.learning.rebase()  # a smaller LR does not do better: not the LR's doing, carry on from here
         return True
 
     def _grow(self, engine: Engine) -> None:
         """After a healthy stretch at a reduced LR: one step up, when it learns about as well (`LRPolicy.grow`)."""
-        before = self.lr.used_lr()
+        before = self.lr_control.used_lr()
         decision = self._searched(engine, self.lr_policy.grow(engine, self._copy_of_now(engine)))
         if decision.peak_lr is not None:
             why = "one step up learned about as well after a healthy stretch at the reduced LR"
-            self.log.record_lr_change(engine.state.iteration, engine.state.epoch, before, self.lr.used_lr(), why)
+            used = self.lr_control.used_lr()
+            self.log.record_lr_change(engine.state.iteration, engine.state.epoch, before, used, why)
 
     def _may_roll_back(self) -> bool:
         return self.counters["rollbacks"] < self.max_rollbacks
@@ -348,31 +331,26 @@ class StabilityGuard:
         return decision
 
     def _copy_of_now(self, engine: Engine) -> Snapshot:
-        snapshot = self.snapshot
+        snapshot = self.target.last_good
         current = Snapshot(self.network, self.optimizer, snapshot.scaler, snapshot.lr_scheduler, snapshot.device)
         current.take(engine.state.iteration)
         return current
 
     def _restart(self, engine: Engine, origin: Snapshot, decision: LRDecision, why: str) -> None:
         """Roll back to ``origin``, then set the LR ``decision`` chose (recorded with ``why`` when it changed)."""
-        before = self.lr.used_lr()
-        self._restore(engine, origin)
-        self.lr_policy.apply(decision, engine.state.iteration)
-        if not math.isclose(before, self.lr.used_lr(), rel_tol=1e-9):
-            self.log.record_lr_change(engine.state.iteration, engine.state.epoch, before, self.lr.used_lr(), why)
-
-    def _restore(self, engine: Engine, origin: Snapshot) -> None:
-        """Roll back to ``origin``, which becomes the last good snapshot, and forget the abandoned trajectory."""
-        origin.restore()
+        before = self.lr_control.used_lr()
+        self.target.rolled_back_to(origin)
         self.counters["rollbacks"] += 1
-        self.snapshot = origin
-        self.anchor, self.lr_checked = None, True
-        self.window.clear()
-        self.steps_since_restore = self.steps_since_snapshot = 0
+        self.window.clear()  # the abandoned trajectory is forgotten
+        self.steps_since_restore = 0
         self.learning.restart()
+        self.lr_policy.apply(decision, engine.state.iteration)
+        used = self.lr_control.used_lr()
+        if not math.isclose(before, used, rel_tol=1e-9):
+            self.log.record_lr_change(engine.state.iteration, engine.state.epoch, before, used, why)
 
     def _record(self, engine: Engine, kind: str, report: StepReport, action: str, what: str) -> None:
-        verdict = self.blame.blame(report.bad_files, kind)  # an applied step (update, stall) blames no file
+        blame = self.blame.blame(report.bad_files, kind)  # an applied step (update, stall) blames no file
         self.log.record(
             GuardEvent(
                 iteration=engine.state.iteration,
@@ -384,27 +362,29 @@ class StabilityGuard:
                 loss_cls=report.loss_cls,
                 loss_reg=report.loss_reg,
                 grad_norm=report.grad_norm,
-                lr=self.lr.current_lr(),
-                files=verdict.files,
+                lr=self.lr_control.current_lr(),
+                files=blame.files,
                 update_ratio=self.update_ratio if kind == "update" else None,
                 norm_growth=self.norm_growth if kind == "norm_growth" else None,
                 positive_score=report.positive_score,
             )
         )
-        for file, reason in verdict.quarantine:
+        for file, reason in blame.quarantine:
             self.quarantine.add(file, reason, "guard")
 
     # ------------------------------------------------------------------------------------------------ the end
     def _stop(self, engine: Engine, why: str) -> None:
-        self.snapshot.restore()
-        self.lr.reapply()
+        last_good = self.target.last_good
+        last_good.restore()
+        self.lr_control.reapply()
         self.status = "stopped"
         self._say_lr()
-        saved = self.log.save_checkpoint(self.snapshot.host_state())
+        saved = self.log.save_checkpoint(last_good.host_state())
         self.message = (
             f"Training stopped by the stability guard at epoch {engine.state.epoch} iteration "
-            f"{engine.state.iteration}: {why} after {self.counters['rollbacks']} rollbacks (LR x{self.lr.scale:.3g})."
-            + (f" The last good state (iteration {self.snapshot.iteration}) is saved in {saved}." if saved else "")
+            f"{engine.state.iteration}: {why} after {self.counters['rollbacks']} rollbacks "
+            f"(LR x{self.lr_control.scale:.3g})."
+            + (f" The last good state (iteration {last_good.iteration}) is saved in {saved}." if saved else "")
             + f" Report: {self.log.report_path}. Try a lower learning_rate, a longer warm-up or a smaller "
             "grad_clip_norm, and run check_data on the files named in the report."
         )
@@ -416,7 +396,7 @@ class StabilityGuard:
         """At the end of the run: did the detector learn, and had it a fair chance to? Write the report."""
         if self.status == "running":
             epoch_length = max(engine.state.epoch_length or 1, 1)
-            warmup_epochs = math.ceil(self.lr.lr_scheduler.warmup_iters / epoch_length)
+            warmup_epochs = math.ceil(self.lr_control.lr_scheduler.warmup_iters / epoch_length)
             self.verdict = judge_learning(self.validator, self.min_val_metric, warmup_epochs, self.judge_after_epochs)
             self.status = "completed" if self.verdict.learned is not False else "not_learned"
             if self.verdict.note:
@@ -440,13 +420,13 @@ class StabilityGuard:
             self.status, self.message = "stopped", str(e)
         else:
             self.status = f"crashed: {type(e).__name__}: {e}"
-        if self.snapshot.state is not None:
-            self.log.save_checkpoint(self.snapshot.host_state())
+        if self.target.last_good.state is not None:
+            self.log.save_checkpoint(self.target.last_good.host_state())
         self.write_report()
 
     def _say_lr(self) -> None:
         """At the end: say plainly when the run trained at another LR than it was given."""
-        summary = self.log.lr_summary(self.lr.asked_lr(), self.lr.used_lr())
+        summary = self.log.lr_summary(self.lr_control.asked_lr(), self.lr_control.used_lr())
         if summary:
             logger.warning(f"guard: {summary}")
 
@@ -457,21 +437,22 @@ class StabilityGuard:
 
     def write_report(self) -> str | None:
         """Write the JSON report (where ``report_path`` is set)."""
+        lr = self.lr_control
         return self.log.write_report(
             {
                 "status": self.status,
                 "message": self.message,
                 "counters": dict(self.counters),
                 "learning_rate": {
-                    "asked": self.lr.asked_lr(),
-                    "used": self.lr.used_lr(),
-                    "summary": self.log.lr_summary(self.lr.asked_lr(), self.lr.used_lr()),
+                    "asked": lr.asked_lr(),
+                    "used": lr.used_lr(),
+                    "summary": self.log.lr_summary(lr.asked_lr(), lr.used_lr()),
                     "changes": self.log.lr_changes,
                 },
-                "lr_scale": self.lr.scale,
-                "lr": self.lr.current_lr(),
-                "lr_ceiling": self.lr.ceiling,
-                "snapshot_iteration": self.snapshot.iteration,
+                "lr_scale": lr.scale,
+                "lr": lr.current_lr(),
+                "lr_ceiling": lr.ceiling,
+                "snapshot_iteration": self.target.last_good.iteration,
                 "score_gap": {"level": self.learning.level, "best": self.learning.best},
                 "best_validation": best_validation(self.validator),
                 "judged_from_epoch": self.verdict.judged_from_epoch,
@@ -485,7 +466,7 @@ class StabilityGuard:
         gap."""
         return {
             **{k: self.counters[k] for k in ("events", "skipped_steps", "rollbacks", "amp_overflows")},
-            "lr_scale": self.lr.scale,
+            "lr_scale": self.lr_control.scale,
             "update_ratio": self.update_ratio,
             "norm_growth": self.norm_growth,
             "score_gap_level": self.learning.level,
@@ -498,8 +479,7 @@ class StabilityGuard:
             "blame": self.blame.state_dict(),
             "learning": self.learning.state_dict(),
             "log": self.log.state_dict(),
-            "snapshot_loss": self.snapshot_loss,
-            "lr_checked": self.lr_checked,
+            **self.target.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -508,5 +488,4 @@ class StabilityGuard:
         self.blame.load_state_dict(state["blame"])
         self.learning.load_state_dict(state["learning"])
         self.log.load_state_dict(state["log"])
-        self.snapshot_loss = state["snapshot_loss"]
-        self.lr_checked = bool(state["lr_checked"])
+        self.target.load_state_dict(state)
