@@ -88,6 +88,7 @@ class GuardLog:
         self.events: list[dict[str, Any]] = []
         self.searches: list[dict[str, Any]] = []
         self.lr_changes: list[dict[str, Any]] = []
+        self.rollbacks: list[dict[str, Any]] = []
 
     def record(self, event: GuardEvent) -> None:
         """Log the event's line and keep it for the report."""
@@ -116,6 +117,11 @@ class GuardLog:
         logger.warning(f"guard: peak LR {before:.3g} -> {after:.3g} at epoch {epoch} iteration {iteration}: {why}")
         self.lr_changes.append({"iteration": iteration, "epoch": epoch, "from": before, "to": after, "why": why})
 
+    def record_rollback(self, iteration: int, epoch: int, to_iteration: int, why: str) -> None:
+        """Keep a rollback for the report: when, to the state after which iteration, and why (the guard logs it)."""
+        if len(self.rollbacks) < self.max_logged_events:
+            self.rollbacks.append({"iteration": iteration, "epoch": epoch, "to_iteration": to_iteration, "why": why})
+
     def lr_summary(self, asked: float, used: float) -> str | None:
         """
         The run's LR in one plain paragraph when the guard changed it (``None`` when the run trained at ``asked``):
@@ -136,7 +142,8 @@ class GuardLog:
         """Write ``summary`` with the events to ``report_path``; returns the path written, if any."""
         if not self.report_path:
             return None
-        write_json(self.report_path, {**summary, "events": self.events, "lr_searches": self.searches}, default=str)
+        records = {"events": self.events, "rollbacks": self.rollbacks, "lr_searches": self.searches}
+        write_json(self.report_path, {**summary, **records}, default=str)
         return self.report_path
 
     def save_checkpoint(self, state: dict[str, Any]) -> str | None:
@@ -148,9 +155,15 @@ class GuardLog:
         return self.ckpt_path
 
     def state_dict(self) -> dict[str, Any]:
-        return {"events": list(self.events), "searches": list(self.searches), "lr_changes": list(self.lr_changes)}
+        return {
+            "events": list(self.events),
+            "searches": list(self.searches),
+            "lr_changes": list(self.lr_changes),
+            "rollbacks": list(self.rollbacks),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.events = list(state["events"])
         self.searches = list(state["searches"])
         self.lr_changes = list(state.get("lr_changes", []))  # absent from checkpoints before 0.5.0
+        self.rollbacks = list(state.get("rollbacks", []))  # absent from checkpoints before 1.1.0

@@ -167,6 +167,7 @@ class StabilityGuard:
         self.consecutive = self.consecutive_amp = self.steps_since_restore = 0
         self.window = StepWindow(snapshot_every, max_loss_growth)
         self.update_ratio = self.norm_growth = math.nan
+        self.iteration = 0  # the last iteration the guard saw, for the report
         self.verdict = Verdict(best=None, learned=None)  # did the detector learn: judged when the run completes
 
     def attach(self, engine: Engine) -> None:
@@ -186,6 +187,7 @@ class StabilityGuard:
     def iteration_completed(self, engine: Engine) -> None:
         """Act on the trainer's report of the iteration."""
         report = self.output_transform(engine.state.output)
+        self.iteration = engine.state.iteration
         self.blame.seen(report.files)
         if report.stepped:
             self._stepped(engine, report)
@@ -226,7 +228,9 @@ class StabilityGuard:
         self.lr_policy.remember(engine.state.batch)
         if self.window.applied(report) and not self._end_window(engine, report):
             return
-        if not self.target.lr_checked and self.lr_policy.ready_to_check() and self.lr_control.warmup_done():
+        if not self.target.lr_checked and self.lr_control.warmup_done() and not self.lr_policy.enabled:
+            self.target.checked()  # no search, nothing to check: the warm-up's end stands in for the LR check
+        elif not self.target.lr_checked and self.lr_policy.ready_to_check() and self.lr_control.warmup_done():
             self._check_lr(engine)
         elif self.lr_policy.due_for_growth(engine.state.iteration):
             self._grow(engine)
@@ -341,6 +345,7 @@ class StabilityGuard:
         before = self.lr_control.used_lr()
         self.target.rolled_back_to(origin)
         self.counters["rollbacks"] += 1
+        self.log.record_rollback(engine.state.iteration, engine.state.epoch, origin.iteration, why)
         self.window.clear()  # the abandoned trajectory is forgotten
         self.steps_since_restore = 0
         self.learning.restart()
@@ -442,6 +447,7 @@ class StabilityGuard:
             {
                 "status": self.status,
                 "message": self.message,
+                "iteration": self.iteration,
                 "counters": dict(self.counters),
                 "learning_rate": {
                     "asked": lr.asked_lr(),
