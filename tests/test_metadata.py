@@ -55,7 +55,7 @@ def test_version_and_packages(metadata: dict) -> None:
 def test_changelog_continues_the_zoo_s(metadata: dict) -> None:
     versions = list(metadata["changelog"])
     # the zoo's ci/utils.py takes the latest version as the last of the sorted strings
-    assert metadata["version"] == versions[0] == sorted(versions)[-1] == str(max(map(Version, versions))) == "1.0.0"
+    assert metadata["version"] == versions[0] == sorted(versions)[-1] == str(max(map(Version, versions))) == "1.1.0"
     assert versions == sorted(versions, key=Version, reverse=True)
     zoo = [v for v in versions if Version(v) <= Version("0.6.8")]
     assert len(zoo) == 29 and zoo[0] == "0.6.8" and zoo[-1] == "0.1.0"
