@@ -509,3 +509,44 @@ def test_a_run_too_short_to_judge_ends_with_a_warning_not_a_failure(tmp_path, ca
     trainer, guard = make_trainer(tmp_path / "judged", epochs=1, guard_kwargs=guard_kwargs, warmup_iters=8)
     trainer.run()
     assert guard.status == "not_learned"
+
+
+def test_sgd_whose_weights_norm_grows_too_fast_rolls_back_and_says_why(tmp_path):
+    # the same two iterations twice: without the norm-growth limit to measure the growth of the first window, then
+    # with a limit just below it; the second run must act on exactly that figure, roll back to the first state and
+    # say why, figure and limit, in the LR change it logs
+    def window_growth(limit, root):
+        torch.manual_seed(0)  # both runs draw the same weights and samples
+        guard_kwargs = {"snapshot_every": 2, "max_norm_growth": limit, "max_update_ratio": 0.0}
+        trainer, guard = make_trainer(root, epochs=1, lr=0.02, guard_kwargs=guard_kwargs)
+        seen = {}
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=2), lambda e: seen.update(guard.telemetry()))
+        trainer.run()
+        return seen["norm_growth"], guard, json.loads((root / "guard_report.json").read_text())
+
+    growth, _, report = window_growth(0.0, tmp_path / "a")
+    assert growth > 0 and report["events"] == []
+    limit = growth * 0.9
+    _, guard, report = window_growth(limit, tmp_path / "b")
+    event = report["events"][0]
+    assert (event["kind"], event["iteration"], event["action"]) == ("norm_growth", 2, "rolling back")
+    assert event["norm_growth"] == growth and event["files"] == []
+    rollback, change = report["rollbacks"][0], report["learning_rate"]["changes"][0]
+    assert (rollback["iteration"], rollback["to_iteration"]) == (2, 0)
+    said = f"the weights' norm grew {growth:.2g} per step (max {limit:.2g}, SGD)"
+    assert said in rollback["why"] and said in change["why"] and change["to"] < change["from"]
+
+
+def test_the_norm_growth_limit_is_not_applied_to_adamw(tmp_path):
+    # AdamW grows the weights' norm at healthy LRs and its steps do not shrink as the norm grows: no limit for it
+    guard_kwargs = {"snapshot_every": 2, "max_norm_growth": 1e-12, "max_update_ratio": 0.0}
+    trainer, guard = make_trainer(tmp_path, epochs=2, lr=1e-2, adamw=True, guard_kwargs=guard_kwargs)
+    grew = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: grew.append(guard.telemetry()["norm_growth"]))
+    trainer.run()
+    report = json.loads((tmp_path / "guard_report.json").read_text())
+    assert (
+        max(g for g in grew if math.isfinite(g)) > 1e-12
+        and report["events"] == []
+        and report["counters"]["rollbacks"] == 0
+    )

@@ -74,6 +74,7 @@ def make_trainer(
     amp=False,
     warmup_iters=0,
     fp16_on_cpu=False,
+    adamw=False,
     **kw,
 ):
     """
@@ -81,11 +82,14 @@ def make_trainer(
     ``device``, with a GradScaler under fp16 AMP on CUDA. The default LR is one the guard's LR check confirms for the
     tiny network (its paired trials find 0.01 too high for it). ``fp16_on_cpu`` (with ``amp``) trains a CPU in fp16
     autocast with a CPU GradScaler, which the bundle never does: CUDA's fp16 AMP path (loss scaling, unscaling,
-    overflow steps skipped, the scale backed off) run by CI on CPU kernels.
+    overflow steps skipped, the scale backed off) run by CI on CPU kernels. ``adamw``: AdamW instead of SGD.
     """
     detector = tiny_detector()
     detector.network.to(device)
-    optimizer = torch.optim.SGD(detector.network.parameters(), lr=lr, momentum=0.9, nesterov=True)
+    params = detector.network.parameters()
+    optimizer = (
+        torch.optim.AdamW(params, lr=lr) if adamw else torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
+    )
     scheduler = WarmupDecayLR(optimizer, warmup_iters=warmup_iters, total_iters=100, decay="step", step_iters=1000)
     on_cuda = torch.device(device).type == "cuda"
     fp16 = amp and (on_cuda or fp16_on_cpu) and kw.get("amp_dtype") in (None, "float16")  # as train.json
