@@ -59,48 +59,6 @@ class StabilityGuard:
 
     Each rule, its limit and what the user sees: docs/README.md (the guard, step by step); how the parts fit:
     docs/architecture.md.
-
-    Args:
-        network: the trained network.
-        optimizer: its optimiser.
-        lr_scheduler: a `scripts.schedule.WarmupDecayLR` (the guard scales its multiplier).
-        scaler: the GradScaler of fp16 training, if any.
-        enabled: ``False`` attaches nothing.
-        patience: consecutive refused steps that roll back.
-        lr_backoff: LR factor when a search cannot tell which LR works.
-        max_rollbacks: rollbacks allowed before the run is stopped.
-        max_refused_in_a_row: refused steps in a row, with no step applied since the last good state, that stop the run.
-        snapshot_every: steps per window (snapshot refresh, update ratio, learning signal).
-        snapshot_device: where the snapshots are kept: ``None`` on the network's device (device memory on a GPU, no
-            host copy in the loop), ``"cpu"`` in host memory (when device memory is short).
-        quarantine_after: events a file must take part in before it is quarantined (0: never).
-        max_loss_growth: the loss-spike factor, for single steps and for window means.
-        max_update_ratio: the update ratio per step above which the run rolls back (0: no check); the default is ten
-            times the 1e-3 per step of a healthy SGD run (the usual rule of thumb, and what the recipe shows).
-        max_norm_growth: for SGD only, the growth per step of the weights' norm above which the run rolls back (0: no
-            check): an SGD LR a few times too high inflates the norm of weights that feed a normalisation, which
-            shrinks their steps and stalls learning under every other limit. Adam's steps do not shrink so, and AdamW
-            grows the norm at healthy LRs: for other optimisers it is not checked.
-        amp_overflow_patience: consecutive fp16 overflows the GradScaler absorbs before they count as an event.
-        lr_search: search the LR after rollbacks, at the end of the warm-up, on stalls and for growth (``False``:
-            back off by ``lr_backoff`` and never grow).
-        search_iters: steps per trial of the search (the last that many batches are kept for it).
-        search_margin: how much more trial loss than the best LR the chosen (largest) LR may have, as a fraction.
-        search_confirm: after a fault, when the chosen LR is not the best of its trials, both train this many times
-            ``search_iters`` steps and the one with the lower loss over the last ``search_iters`` wins (0: no longer
-            trials).
-        growth_interval: healthy iterations after an LR change before a backed-off LR is tried one step higher.
-        stall_windows: windows of collapsed score gap that make a stall.
-        min_val_metric: the best validation metric must exceed this for the run to count as learned (``None``: no
-            check).
-        judge_after_epochs: epochs after the warm-up that the last validation must come at or after for the run to
-            be judged by ``min_val_metric``.
-        validator: the evaluator whose ``best_metric`` tells whether the detector learned (``None``: not checked).
-        quarantine: the shared record of bad files.
-        report_path: JSON report (``None``: none).
-        ckpt_path: where the last good state is saved when the run stops (``None``: nowhere).
-        output_transform: maps ``engine.state.output`` to the trainer's `StepReport`.
-        search: the LR search the policy runs (`scripts.guard.lr_search.search_lr`; a test passes a scripted one).
     """
 
     def __init__(
@@ -136,6 +94,50 @@ class StabilityGuard:
         max_norm_growth: float = 2e-4,
         search: Callable[..., SearchResult] = search_lr,
     ) -> None:
+        """
+        Args:
+            network: the trained network.
+            optimizer: its optimiser.
+            lr_scheduler: a `scripts.schedule.WarmupDecayLR` (the guard scales its multiplier).
+            scaler: the GradScaler of fp16 training, if any.
+            enabled: ``False`` attaches nothing.
+            patience: consecutive refused steps that roll back.
+            lr_backoff: LR factor when a search cannot tell which LR works.
+            max_rollbacks: rollbacks allowed before the run is stopped.
+            max_refused_in_a_row: refused steps in a row, with no step applied since the last good state, that stop
+                the run.
+            snapshot_every: steps per window (snapshot refresh, update ratio, learning signal).
+            snapshot_device: where the snapshots are kept: ``None`` on the network's device (device memory on a GPU, no
+                host copy in the loop), ``"cpu"`` in host memory (when device memory is short).
+            quarantine_after: events a file must take part in before it is quarantined (0: never).
+            max_loss_growth: the loss-spike factor, for single steps and for window means.
+            max_update_ratio: the update ratio per step above which the run rolls back (0: no check); the default is ten
+                times the 1e-3 per step of a healthy SGD run (the usual rule of thumb, and what the recipe shows).
+            max_norm_growth: for SGD only, the growth per step of the weights' norm above which the run rolls back
+                (0: no check): an SGD LR a few times too high inflates the norm of weights that feed a normalisation,
+                which shrinks their steps and stalls learning under every other limit. Adam's steps do not shrink so,
+                and AdamW grows the norm at healthy LRs: for other optimisers it is not checked.
+            amp_overflow_patience: consecutive fp16 overflows the GradScaler absorbs before they count as an event.
+            lr_search: search the LR after rollbacks, at the end of the warm-up, on stalls and for growth (``False``:
+                back off by ``lr_backoff`` and never grow).
+            search_iters: steps per trial of the search (the last that many batches are kept for it).
+            search_margin: how much more trial loss than the best LR the chosen (largest) LR may have, as a fraction.
+            search_confirm: after a fault, when the chosen LR is not the best of its trials, both train this many times
+                ``search_iters`` steps and the one with the lower loss over the last ``search_iters`` wins (0: no longer
+                trials).
+            growth_interval: healthy iterations after an LR change before a backed-off LR is tried one step higher.
+            stall_windows: windows of collapsed score gap that make a stall.
+            min_val_metric: the best validation metric must exceed this for the run to count as learned (``None``: no
+                check).
+            judge_after_epochs: epochs after the warm-up that the last validation must come at or after for the run to
+                be judged by ``min_val_metric``.
+            validator: the evaluator whose ``best_metric`` tells whether the detector learned (``None``: not checked).
+            quarantine: the shared record of bad files.
+            report_path: JSON report (``None``: none).
+            ckpt_path: where the last good state is saved when the run stops (``None``: nowhere).
+            output_transform: maps ``engine.state.output`` to the trainer's `StepReport`.
+            search: the LR search the policy runs (`scripts.guard.lr_search.search_lr`; a test passes a scripted one).
+        """
         self.network, self.optimizer, self.enabled = network, optimizer, enabled
         self.patience, self.max_rollbacks = patience, max_rollbacks
         self.max_refused_in_a_row = max_refused_in_a_row
