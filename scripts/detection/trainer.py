@@ -247,7 +247,8 @@ class StabilisedDetectionTrainer(Trainer):
         losses = self._forward_backward(batch, fire_events)
         # 2. every number the decision needs, on device, read to the host at once (the step's one sync point)
         finite_images = torch.stack([torch.isfinite(x).all() for x in batch.images])
-        value, bad_images = self._read_step(losses, finite_images)
+        host = self._read_step(losses, finite_images)
+        value = {name: v[0] for name, v in host.items() if name != "bad_images"}
         # 3. the decision: the first event kind that occurred, or none
         event = self._decide(value)
         # 4. the optimiser steps, or the step is refused and the state left as it was
@@ -261,7 +262,7 @@ class StabilisedDetectionTrainer(Trainer):
         self.optimizer.zero_grad(set_to_none=True)
         # 5. the report
         if event == "input":
-            bad_files = [f for f, bad in zip(batch.files, bad_images, strict=True) if bad]
+            bad_files = [f for f, bad in zip(batch.files, host["bad_images"], strict=True) if bad]
         else:
             bad_files = list(batch.files) if event else []
         return self._report(value, event, batch.files, bad_files)
@@ -294,10 +295,10 @@ class StabilisedDetectionTrainer(Trainer):
             ran=True,
         )
 
-    def _read_step(self, losses: StepLosses, finite_images: torch.Tensor) -> tuple[dict[str, float], list[bool]]:
+    def _read_step(self, losses: StepLosses, finite_images: torch.Tensor) -> dict[str, list[float]]:
         """
         The step's flags, losses, anchor scores and norms (summed over the DDP ranks where they are shared), read to
-        the host in one read; and which images were not finite.
+        the host in one read, by name (each a list; ``bad_images`` one flag per image).
         """
         device = self.state.device
         shared = {  # summed over the DDP ranks (flags: any rank)
@@ -312,7 +313,7 @@ class StabilisedDetectionTrainer(Trainer):
         if self.world_size > 1:
             shared = self._all_reduce(shared)
         grad_norm = self._unscale_and_clip(unscaled=losses.ran)
-        host = read_to_host(
+        return read_to_host(
             {
                 **shared,
                 "grad_norm": grad_norm,
@@ -321,7 +322,6 @@ class StabilisedDetectionTrainer(Trainer):
                 "bad_images": ~finite_images,
             }
         )
-        return {name: v[0] for name, v in host.items() if name != "bad_images"}, list(host["bad_images"])
 
     def _decide(self, value: dict[str, float]) -> str | None:
         """The step's event (`EVENT_KINDS` in order) or ``None``; without ``skip_nonfinite``, as MONAI would."""
