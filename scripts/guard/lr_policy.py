@@ -58,9 +58,9 @@ class LRPolicy:
     - `check`: once, when the schedule has reached its peak (the end of the warm-up, at least ``search_iters`` steps
       in), the peak LR against smaller ones from the state the warm-up led to; when the peak fails its trial (a
       refused step, a non-finite loss, weights moving more than ``max_update_ratio`` or their norm growing more than
-      ``max_norm_growth`` per step) the run restarts
-      from its first state at the search's choice. A warm-up is part of the recipe: the peak is judged where the run
-      meets it, and a recipe whose peak trains is not overruled by a trial loss.
+      ``max_norm_growth`` per step) the run restarts from its first state at the search's choice. A warm-up is part
+      of the recipe: the peak is judged where the run meets it, and a recipe whose peak trains is not overruled by a
+      trial loss.
     - `on_stall`: the current LR against smaller ones from the last good state when the detector stopped learning.
     - `grow`: every ``growth_interval`` healthy iterations, a reduced LR against one step higher, from now.
 

@@ -211,8 +211,7 @@ class TrialRunner:
             losses.append(report.loss)
         if self.max_update_ratio or self.max_norm_growth:
             drift = self.origin.drift(self.origin.network_state(), self.iterations)
-            too_far = self.max_update_ratio and drift.update_ratio > self.max_update_ratio
-            if too_far or (self.max_norm_growth and drift.norm_growth > self.max_norm_growth):
+            if drift.exceeded(self.max_update_ratio, self.max_norm_growth):
                 return Trial(lr, math.nan, True)
         loss = mean_after_first(losses) if self.tail is None else math.fsum(losses[-self.tail :]) / self.tail
         return Trial(lr, loss, False)

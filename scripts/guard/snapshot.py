@@ -49,6 +49,14 @@ class Drift:
     update_ratio: float
     norm_growth: float
 
+    def exceeded(self, max_update_ratio: float, max_norm_growth: float) -> str | None:
+        """The first limit this drift is above, ``"update"`` or ``"norm_growth"`` (0: no limit), else ``None``."""
+        if max_update_ratio and self.update_ratio > max_update_ratio:
+            return "update"
+        if max_norm_growth and self.norm_growth > max_norm_growth:
+            return "norm_growth"
+        return None
+
 
 class Snapshot:
     """

@@ -244,12 +244,13 @@ class StabilityGuard:
         network_state = last_good.network_state()
         drift = last_good.drift(network_state, self.target.steps_since)
         self.update_ratio, self.norm_growth = drift.update_ratio, drift.norm_growth
-        if self.max_update_ratio and self.update_ratio > self.max_update_ratio:
+        exceeded = drift.exceeded(self.max_update_ratio, self.max_norm_growth)
+        if exceeded == "update":
             what = f"update ratio {self.update_ratio:.2g}"
             self._record(engine, "update", report, "rolling back", what)
             self._recover(engine, f"the weights moved {what} of their norm per step (max {self.max_update_ratio:.2g})")
             return False
-        if self.max_norm_growth and self.norm_growth > self.max_norm_growth:
+        if exceeded == "norm_growth":
             what = f"the weights' norm grew {self.norm_growth:.2g} per step (max {self.max_norm_growth:.2g}, SGD)"
             self._record(engine, "norm_growth", report, "rolling back", what)
             self._recover(engine, what)
