@@ -11,7 +11,17 @@ from monai.bundle import ConfigParser
 from scripts.data.phantoms import generate_dataset
 from scripts.tools.benchmark_inference import save_untrained
 
-__all__ = ["CONFIGS", "REPO", "TINY", "config", "bundle_paths", "make_phantoms", "parse", "save_tiny_model"]
+__all__ = [
+    "CONFIGS",
+    "REPO",
+    "TINY",
+    "config",
+    "bundle_paths",
+    "make_phantoms",
+    "parse",
+    "save_tiny_model",
+    "tiny_bundle",
+]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -63,3 +73,14 @@ def save_tiny_model(path: str, seed: int = 0) -> torch.nn.Module:
     network = parse("inference.json", **TINY).get_parsed_content("network_def")
     save_untrained(network, path)
     return network.eval()
+
+
+def tiny_bundle(root: str) -> dict[str, Any]:
+    """
+    Tiny phantoms in ``root/data`` and a tiny untrained ``root/models/model.pt``: the overrides that run a workflow of
+    the bundle on them (``bundle_root``, ``dataset_dir``, ``data_list_file_path``, `TINY` and `bundle_paths`).
+    """
+    data = os.path.join(root, "data")
+    datalist = make_phantoms(data)
+    save_tiny_model(os.path.join(root, "models", "model.pt"))
+    return {"bundle_root": root, "dataset_dir": data, "data_list_file_path": datalist, **TINY, **bundle_paths()}

@@ -13,7 +13,7 @@ from monai.bundle import run
 from monai.data.box_utils import convert_box_mode
 from scripts.evaluation.froc import LUNA16_FP_RATES, froc
 from scripts.evaluation.report import evaluation_metrics
-from tests.bundle_helpers import TINY, bundle_paths, config, make_phantoms, save_tiny_model
+from tests.bundle_helpers import config, tiny_bundle
 
 NODULE = np.array([[10.0, 10.0, 10.0, 20.0, 20.0, 16.0]])
 FAR = np.array([[40.0, 40.0, 30.0, 48.0, 48.0, 36.0]])
@@ -85,13 +85,10 @@ def test_no_nodules_gives_no_sensitivity() -> None:
 def evaluated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """evaluate.json and inference.json run with a tiny untrained model on tiny phantoms."""
     root = str(tmp_path_factory.mktemp("bundle"))
-    data = os.path.join(root, "data")
-    datalist = make_phantoms(data)
-    save_tiny_model(os.path.join(root, "models", "model.pt"))
-    common = {"bundle_root": root, "dataset_dir": data, "data_list_file_path": datalist, **TINY, **bundle_paths()}
+    common = tiny_bundle(root)
     run("evaluating", config_file=[config("train.json"), config("evaluate.json")], cache_rate=0.0, **common)
     run("inference", config_file=config("inference.json"), output_dir=os.path.join(root, "infer"), **common)
-    return {"root": root, "datalist": datalist}
+    return {"root": root, "datalist": common["data_list_file_path"]}
 
 
 @pytest.mark.slow

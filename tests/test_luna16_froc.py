@@ -24,7 +24,7 @@ from scripts.evaluation.luna16_froc import (
     score,
 )
 from scripts.evaluation.report import world_boxes
-from tests.bundle_helpers import TINY, bundle_paths, config, make_phantoms, save_tiny_model
+from tests.bundle_helpers import TINY, bundle_paths, config, tiny_bundle
 
 EVAL_CONFIGS = [config("train.json"), config("evaluate.json")]
 
@@ -393,11 +393,9 @@ def test_missing_tables(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
 def evaluated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """evaluate.json with a tiny untrained model on a tiny phantom: truth from the datalist."""
     root = str(tmp_path_factory.mktemp("bundle"))
-    data = os.path.join(root, "data")
-    datalist = make_phantoms(data)
-    save_tiny_model(os.path.join(root, "models", "model.pt"))
-    common = {"bundle_root": root, "dataset_dir": data, "data_list_file_path": datalist, **TINY, **bundle_paths()}
+    common = tiny_bundle(root)
     run("evaluating", config_file=EVAL_CONFIGS, cache_rate=0.0, bootstrap_samples=20, **common)
+    data, datalist = common["dataset_dir"], common["data_list_file_path"]
     return {"root": root, "data": data, "datalist": datalist, "out": os.path.join(root, "eval")}
 
 
