@@ -132,7 +132,7 @@ ROWS = [
         events=((12, "update", BACK),),
         rolled_back={12: 8},
         searched_at=(6, 12),
-        counters={"rollbacks": 1, "lr_searches": 2},
+        counters={"events": 1, "rollbacks": 1, "lr_searches": 2},
     ),
     Scenario(
         "SGD: norm growth above max_norm_growth at a window's end rolls back",
@@ -140,7 +140,7 @@ ROWS = [
         events=((12, "norm_growth", BACK),),
         rolled_back={12: 8},
         searched_at=(6, 12),
-        counters={"rollbacks": 1, "lr_searches": 2},
+        counters={"events": 1, "rollbacks": 1, "lr_searches": 2},
     ),
     Scenario(
         "AdamW: the same norm growth is not checked",
@@ -243,7 +243,7 @@ ROWS = [
         run={"stall_windows": 2, "iterations": 36},
         events=((36, "stall", SEARCH),),
         searched_at=(6, 36),
-        counters={"stalls": 1, "lr_searches": 2},
+        counters={"events": 1, "stalls": 1, "lr_searches": 2},
     ),
     Scenario(
         "a stall that a smaller LR cures rolls back to the last snapshot at that LR",
@@ -252,7 +252,7 @@ ROWS = [
         events=((36, "stall", SEARCH),),
         rolled_back={36: 28},
         searched_at=(6, 36),
-        counters={"stalls": 1, "rollbacks": 1, "lr_searches": 2},
+        counters={"events": 1, "stalls": 1, "rollbacks": 1, "lr_searches": 2},
         lr_scale=S,
         lr_changes=1,
     ),
@@ -310,6 +310,7 @@ def test_guard_rule(tmp_path, case):
     assert report["status"] == case.status
     assert report["counters"] == {**ZERO, **case.counters}
     assert [(e["iteration"], e["kind"], e["action"]) for e in report["events"]] == list(case.events)
+    assert report["counters"]["events"] == len(report["events"])  # every kind counts, refused step or not
     iterations = case.run.get("iterations", 16)
     assert max(reports) == report["iteration"] == (case.last_iteration or iterations)
 

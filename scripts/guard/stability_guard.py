@@ -205,7 +205,6 @@ class StabilityGuard:
             self.consecutive_amp += 1
             if self.consecutive_amp < self.amp_overflow_patience:
                 return
-        self.counters["events"] += 1
         if report.event == "input":  # the file is at fault, not the training state
             self._record(engine, "input", report, "step skipped", "non-finite input")
             return
@@ -358,6 +357,7 @@ class StabilityGuard:
             self.log.record_lr_change(engine.state.iteration, engine.state.epoch, before, used, why)
 
     def _record(self, engine: Engine, kind: str, report: StepReport, action: str, what: str) -> None:
+        self.counters["events"] += 1
         blame = self.blame.blame(report.bad_files, kind)  # an applied step (update, stall) blames no file
         self.log.record(
             GuardEvent(
