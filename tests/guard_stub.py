@@ -23,7 +23,7 @@ from ignite.engine import Engine, Events
 from scripts.data.quarantine import Quarantine
 from scripts.detection.schedule import WarmupDecayLR
 from scripts.detection.step_report import StepReport
-from scripts.guard.lr_search import SearchResult, Trial
+from scripts.guard.lr_search import SearchResult, Trial, choose
 from scripts.guard.stability_guard import StabilityGuard
 
 __all__ = [
@@ -222,13 +222,7 @@ class ScriptedSearch:
             if self.run_trials:
                 run_trial(lr)
             trials.append(Trial(lr, loss, failed))
-        working = [t for t in trials if not t.failed]
-        if not working:
-            return SearchResult(tuple(trials), None)
-        best = min(t.loss for t in working)
-        chosen = max(t.lr for t in working if t.loss <= (1 + margin) * best)
-        lost = [t.lr for t in trials if t.lr > chosen and (t.failed or t.loss > (1 + 2 * margin) * best)]
-        return SearchResult(tuple(trials), chosen, min(lost) if lost else None)
+        return choose(trials, margin)  # the real search's rule, on the scripted trials
 
 
 def validator_at(best: float, epoch: int) -> types.SimpleNamespace:

@@ -20,7 +20,7 @@ import torch
 from scripts.detection.step_report import StepReport
 from scripts.guard.snapshot import Snapshot
 
-__all__ = ["SearchResult", "Trial", "TrialRunner", "confirm", "search_lr"]
+__all__ = ["SearchResult", "Trial", "TrialRunner", "choose", "confirm", "search_lr"]
 
 
 @dataclass(frozen=True)
@@ -125,11 +125,18 @@ def search_lr(
             misses += 1
             if misses >= patience:
                 break
-    if best is None:
+    return choose(trials, margin)
+
+
+def choose(trials: Sequence[Trial], margin: float) -> SearchResult:
+    """`search_lr`'s choice among ``trials``: the largest working LR within ``margin`` of the lowest loss, and the
+    smallest larger LR that failed or lost by more than ``2 * margin`` as ``lost_at``."""
+    working = [t for t in trials if not t.failed]
+    if not working:
         return SearchResult(tuple(trials), None)
-    good = [t for t in trials if not t.failed and t.loss <= (1 + margin) * best.loss]
-    chosen = max(t.lr for t in good)
-    lost = [t.lr for t in trials if t.lr > chosen and (t.failed or t.loss > (1 + 2 * margin) * best.loss)]
+    best = min(t.loss for t in working)
+    chosen = max(t.lr for t in working if t.loss <= (1 + margin) * best)
+    lost = [t.lr for t in trials if t.lr > chosen and (t.failed or t.loss > (1 + 2 * margin) * best)]
     return SearchResult(tuple(trials), chosen, min(lost) if lost else None)
 
 
